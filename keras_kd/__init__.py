@@ -1,0 +1,7 @@
+"""keras-kd: exact knowledge distillation and consistency regularization
+for Keras 3, on the TensorFlow, PyTorch and JAX backends."""
+
+from keras_kd import losses as losses
+from keras_kd import ops as ops
+
+__version__ = "0.1.0"

@@ -1,0 +1,28 @@
+"""Loss classes: thin `keras.losses.Loss` wrappers over `keras_kd.ops`."""
+
+from keras_kd.losses.base import DivergenceLoss as DivergenceLoss
+from keras_kd.losses.divergences import (
+    JensenShannonDivergence as JensenShannonDivergence,
+)
+from keras_kd.losses.divergences import KLDivergence as KLDivergence
+from keras_kd.losses.divergences import (
+    ReverseKLDivergence as ReverseKLDivergence,
+)
+from keras_kd.losses.divergences import (
+    SymmetricKLDivergence as SymmetricKLDivergence,
+)
+from keras_kd.losses.multilabel import (
+    GlobalPointerKLDivergence as GlobalPointerKLDivergence,
+)
+from keras_kd.losses.multilabel import (
+    MultilabelCategoricalCrossentropy as MultilabelCategoricalCrossentropy,
+)
+from keras_kd.losses.multilabel import (
+    SparseMultilabelCategoricalCrossentropy as SparseMultilabelCategoricalCrossentropy,  # noqa: E501
+)
+from keras_kd.losses.rdrop import (
+    RDropCategoricalCrossentropy as RDropCategoricalCrossentropy,
+)
+from keras_kd.losses.rdrop import (
+    RDropSparseCategoricalCrossentropy as RDropSparseCategoricalCrossentropy,
+)
