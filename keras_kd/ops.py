@@ -25,6 +25,7 @@ Conventions shared by all functions:
 """
 
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -48,19 +49,32 @@ __all__ = [
 
 
 def validate_temperature(temperature):
-    """Returns `temperature` as a float, or raises a `ValueError`."""
-    if isinstance(temperature, bool) or not isinstance(
-        temperature, (int, float)
-    ):
-        # Tensors and variables (a temperature schedule) are checked by the
-        # code that sets them; only Python numbers are checked here.
+    """Returns `temperature` as a float, or raises a `ValueError`.
+
+    Python and NumPy numbers must be finite and `> 0`. Tensors and
+    `keras.Variable`s (a temperature schedule) pass through unchecked: their
+    value is only known when the loss runs.
+    """
+    if _is_tensor_like(temperature):
         return temperature
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not _is_real(temperature) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
         raise ValueError(
             "Invalid value for argument `temperature`. Expected a finite "
             f"number > 0. Received: temperature={temperature}"
         )
     return float(temperature)
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_tensor_like(x):
+    if isinstance(x, keras.Variable):
+        return True
+    return not _is_real(x) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _check_same_shape(y_true, y_pred, true_name="y_true", pred_name="y_pred"):
@@ -140,9 +154,14 @@ def _log_softmax(x, axis):
     # normalizing: exp() of it still underflows to exactly 0, but a fully
     # masked row no longer computes -inf - (-inf) = NaN.
     masked = x == -math.inf
-    lowest = _lowest(x.dtype)
-    safe = ops.where(masked, lowest, x)
-    log_p = safe - ops.logsumexp(safe, axis=axis, keepdims=True)
+    safe = ops.where(masked, _lowest(x.dtype), x)
+    # Subtracting the row maximum first keeps log-probabilities accurate to
+    # float32 rounding of the result itself: `x - logsumexp(x)` would round
+    # at the magnitude of x (1e-3 absolute for logits near 1e4).
+    top = ops.max(safe, axis=axis, keepdims=True)
+    shifted = safe - ops.stop_gradient(top)
+    total = ops.sum(ops.exp(shifted), axis=axis, keepdims=True)
+    log_p = shifted - ops.log(total)
     return ops.where(masked, -math.inf, log_p)
 
 
@@ -352,11 +371,7 @@ def jensen_shannon_divergence(
 
 def validate_beta(beta):
     """Returns `beta` as a float, or raises a `ValueError`."""
-    if (
-        isinstance(beta, bool)
-        or not isinstance(beta, (int, float))
-        or not 0.0 <= beta <= 1.0
-    ):
+    if not _is_real(beta) or not 0.0 <= beta <= 1.0:
         raise ValueError(
             "Invalid value for argument `beta`. Expected a number in "
             f"[0, 1]. Received: beta={beta}"
@@ -392,10 +407,12 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     d = T**2 * (sigmoid(s / T) - sigmoid(t / T)) * (s - t) / T
     ```
 
-    Computed without cancellation: with `h = (s - t) / 2` and
+    Computed without cancellation or overflow: with `h = (s - t) / 2` and
     `m = (s + t) / 2` (after scaling by `1 / T`),
-    `sigmoid(s) - sigmoid(t) = sinh(h) / (cosh(m) + cosh(h))`, evaluated in a
-    form that neither overflows nor loses digits when both logits are large.
+    `sigmoid(s) - sigmoid(t) = sinh(h) / (cosh(m) + cosh(h))`. Numerator and
+    denominator are divided by `exp(max(|h|, |m|))`, so every exponential
+    lies in `[0, 1]`: values and gradients stay finite for logits of any
+    size, including the `-1e12` GlobalPointer uses for masked spans.
     Entries that are `-inf` in either input are masked: they contribute 0.
 
     Args:
@@ -412,15 +429,15 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     masked = ops.logical_or(s == -math.inf, t == -math.inf)
     s = ops.where(masked, 0.0, s)
     t = ops.where(masked, 0.0, t)
-    half_diff = 0.5 * (s - t)
-    a = ops.abs(half_diff)
+    a = ops.abs(0.5 * (s - t))
     b = ops.abs(0.5 * (s + t))
-    # sinh(a) / (cosh(b) + cosh(a)), divided through by exp(a) / 2.
-    numerator = -ops.expm1(-2.0 * a)
+    c = ops.maximum(a, b)
+    # 2 sinh(a) / e^c and 2 (cosh(b) + cosh(a)) / e^c; the latter is >= 1.
+    numerator = -ops.exp(a - c) * ops.expm1(-2.0 * a)
     denominator = (
-        ops.exp(b - a) * (1.0 + ops.exp(-2.0 * b)) + 1.0 + ops.exp(-2.0 * a)
+        ops.exp(b - c) + ops.exp(-b - c) + ops.exp(a - c) + ops.exp(-a - c)
     )
-    # (sigmoid(s) - sigmoid(t)) * (s - t) = 2 a * numerator / denominator.
+    # (sigmoid(s) - sigmoid(t)) * (s - t) = 2 a * sinh(a) / (cosh b + cosh a).
     value = 2.0 * a * numerator / denominator
     value = ops.where(masked, 0.0, value)
     return _times_t_squared(value, temperature)
@@ -510,13 +527,21 @@ def _log1p_sum_exp(x, axis):
     """`log(1 + sum(exp(x)))` over `axis`, stable, `-inf` entries ignored."""
     if isinstance(axis, int):
         axis = (axis,)
-    high = ops.max(x, axis=axis, keepdims=True)
-    high = ops.maximum(ops.where(high > -math.inf, high, 0.0), 0.0)
-    total = ops.sum(ops.exp(x - high), axis=axis, keepdims=True)
-    value = ops.squeeze(high, axis=axis) + ops.log(
-        ops.squeeze(total + ops.exp(-high), axis=axis)
+    top = ops.max(x, axis=axis, keepdims=True)
+    # Shift by max(top, 0) so that no exp() overflows; a set with no finite
+    # entry (all masked) shifts by 0. The shift is a constant: the value
+    # does not depend on it, and its gradient must not either.
+    high = ops.stop_gradient(
+        ops.maximum(ops.where(top > -math.inf, top, 0.0), 0.0)
     )
-    return value
+    total = ops.squeeze(
+        ops.sum(ops.exp(x - high), axis=axis, keepdims=True), axis=axis
+    )
+    high = ops.squeeze(high, axis=axis)
+    # Unshifted, log1p keeps the digits of a small sum (a well-trained
+    # model's loss); shifted, the sum is >= 1 and log is exact.
+    shifted = high + ops.log(total + ops.exp(-high))
+    return ops.where(high > 0, shifted, ops.log1p(total))
 
 
 def sparse_multilabel_categorical_crossentropy(
