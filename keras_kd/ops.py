@@ -13,11 +13,15 @@ Conventions shared by all functions:
   student). Inputs are logits by default (`from_logits=True`); with
   `from_logits=False` they are probabilities, which are turned into
   log-probabilities once and then treated exactly like logits.
-- Everything is computed in log space (`log_softmax`, `log_sigmoid`): results
-  are exact to float32 rounding for any finite logits, however confident.
+- Everything is computed in log space from logits, with the row maximum
+  subtracted before the temperature divides: results agree with a float64
+  computation on the same inputs to float32 rounding (relative 1e-5) for
+  any finite logits, however confident (tested up to 1e4). Nothing is
+  clipped.
 - Entries equal to `-inf` (masked logits, or zero probabilities) carry no
   mass: they contribute exactly 0 and give finite gradients, and a row whose
-  entries are all `-inf` contributes 0.
+  entries are all `-inf` contributes 0. As in the math, a KL term is `+inf`
+  where the target has mass and the prediction has none.
 - `temperature` divides the logits and multiplies the divergence by
   `temperature**2` (Hinton et al., 2015), so gradient magnitudes do not
   shrink as the temperature grows.
@@ -140,7 +144,7 @@ def log_probabilities(x, from_logits=True, temperature=1.0, axis=-1):
     x = _as_float(x)
     if not from_logits:
         x = _safe_log(x)
-    return _log_softmax(_scale(x, temperature), axis)
+    return _log_softmax(x, axis, temperature)
 
 
 def _safe_log(p):
@@ -149,17 +153,18 @@ def _safe_log(p):
     return ops.where(positive, ops.log(ops.where(positive, p, 1.0)), -math.inf)
 
 
-def _log_softmax(x, axis):
+def _log_softmax(x, axis, temperature=1.0):
     # -inf is swapped for the dtype's lowest finite value before
     # normalizing: exp() of it still underflows to exactly 0, but a fully
     # masked row no longer computes -inf - (-inf) = NaN.
     masked = x == -math.inf
     safe = ops.where(masked, _lowest(x.dtype), x)
-    # Subtracting the row maximum first keeps log-probabilities accurate to
-    # float32 rounding of the result itself: `x - logsumexp(x)` would round
+    # The row maximum is subtracted before the temperature divides and
+    # before normalizing, so that log-probabilities are accurate to float32
+    # rounding of the result itself: `x / T - logsumexp(x / T)` would round
     # at the magnitude of x (1e-3 absolute for logits near 1e4).
     top = ops.max(safe, axis=axis, keepdims=True)
-    shifted = safe - ops.stop_gradient(top)
+    shifted = _scale(safe - ops.stop_gradient(top), temperature)
     total = ops.sum(ops.exp(shifted), axis=axis, keepdims=True)
     log_p = shifted - ops.log(total)
     return ops.where(masked, -math.inf, log_p)
@@ -195,9 +200,7 @@ def _plogq(log_p, log_q):
 # ------------------------------------------------------------- divergences
 
 
-def kl_divergence(
-    y_true, y_pred, from_logits=True, temperature=1.0, axis=-1
-):
+def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
     """Kullback-Leibler divergence `KL(P || Q)` of the target from the
     prediction.
 
@@ -260,9 +263,7 @@ def entropy(y_true, from_logits=True, temperature=1.0, axis=-1):
     return -ops.sum(_plogq(log_p, log_p), axis=axis)
 
 
-def cross_entropy(
-    y_true, y_pred, from_logits=True, temperature=1.0, axis=-1
-):
+def cross_entropy(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
     """Cross-entropy `H(P, Q) = -sum(P log Q)` of soft targets, in nats.
 
     It satisfies `kl_divergence = cross_entropy - entropy` (at `T = 1`).
@@ -407,12 +408,17 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     d = T**2 * (sigmoid(s / T) - sigmoid(t / T)) * (s - t) / T
     ```
 
-    Computed without cancellation or overflow: with `h = (s - t) / 2` and
-    `m = (s + t) / 2` (after scaling by `1 / T`),
-    `sigmoid(s) - sigmoid(t) = sinh(h) / (cosh(m) + cosh(h))`. Numerator and
-    denominator are divided by `exp(max(|h|, |m|))`, so every exponential
-    lies in `[0, 1]`: values and gradients stay finite for logits of any
-    size, including the `-1e12` GlobalPointer uses for masked spans.
+    Computed without cancellation or overflow. With `u >= v` the larger and
+    smaller of `|s|, |t|` and `d = |s - t|` (each divided by `T`):
+
+    ```
+    sigmoid(s) - sigmoid(t) = -expm1(-d) * exp(-w) / ((1 + e^-u) (1 + e^-v))
+    ```
+
+    where `w = v` if `s` and `t` have the same sign and `w = 0` otherwise.
+    Every exponential lies in `[0, 1]` and no large logits are added or
+    subtracted, so values and gradients stay finite and accurate for logits
+    of any size, including the `-1e12` GlobalPointer uses for masked spans.
     Entries that are `-inf` in either input are masked: they contribute 0.
 
     Args:
@@ -425,21 +431,16 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     """
     temperature = validate_temperature(temperature)
     t, s = _pair(y_true, y_pred)
-    t, s = _scale(t, temperature), _scale(s, temperature)
     masked = ops.logical_or(s == -math.inf, t == -math.inf)
     s = ops.where(masked, 0.0, s)
     t = ops.where(masked, 0.0, t)
-    a = ops.abs(0.5 * (s - t))
-    b = ops.abs(0.5 * (s + t))
-    c = ops.maximum(a, b)
-    # 2 sinh(a) / e^c and 2 (cosh(b) + cosh(a)) / e^c; the latter is >= 1.
-    numerator = -ops.exp(a - c) * ops.expm1(-2.0 * a)
-    denominator = (
-        ops.exp(b - c) + ops.exp(-b - c) + ops.exp(a - c) + ops.exp(-a - c)
-    )
-    # (sigmoid(s) - sigmoid(t)) * (s - t) = 2 a * sinh(a) / (cosh b + cosh a).
-    value = 2.0 * a * numerator / denominator
-    value = ops.where(masked, 0.0, value)
+    d = _scale(ops.abs(s - t), temperature)
+    u = _scale(ops.maximum(ops.abs(s), ops.abs(t)), temperature)
+    v = _scale(ops.minimum(ops.abs(s), ops.abs(t)), temperature)
+    w = ops.where(ops.equal(s > 0, t > 0), v, 0.0)
+    normalizer = (1.0 + ops.exp(-u)) * (1.0 + ops.exp(-v))
+    gap = -ops.expm1(-d) * ops.exp(-w) / normalizer
+    value = ops.where(masked, 0.0, d * gap)
     return _times_t_squared(value, temperature)
 
 
@@ -544,9 +545,7 @@ def _log1p_sum_exp(x, axis):
     return ops.where(high > 0, shifted, ops.log1p(total))
 
 
-def sparse_multilabel_categorical_crossentropy(
-    y_true, y_pred, mask_zero=False
-):
+def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero=False):
     """Multi-label categorical crossentropy with sparse positive labels.
 
     Same value as `multilabel_categorical_crossentropy`, but the positives
@@ -618,9 +617,7 @@ def _positives_mask(indices, logits, mask_zero):
 # ------------------------------------------------------------------ R-Drop
 
 
-def paired_symmetric_kl_divergence(
-    y_pred, divergence=None, from_logits=True
-):
+def paired_symmetric_kl_divergence(y_pred, divergence=None, from_logits=True):
     """Symmetric divergence between the two rows of each interleaved pair.
 
     The batch holds each example twice in a row, `[x0, x0, x1, x1, ...]`, as
