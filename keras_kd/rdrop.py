@@ -227,9 +227,7 @@ class RDrop(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(
-            config["model"]
-        )
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
         config["divergence"] = keras.saving.deserialize_keras_object(
             config.get("divergence")
         )

@@ -40,9 +40,7 @@ def mask_span_logits(logits, mask=None, mask_lower_triangle=True):
     keep = None
     if mask is not None:
         mask = ops.cast(mask, "bool")
-        keep = ops.logical_and(
-            mask[:, None, :, None], mask[:, None, None, :]
-        )
+        keep = ops.logical_and(mask[:, None, :, None], mask[:, None, None, :])
     if mask_lower_triangle:
         length = ops.shape(logits)[-1]
         positions = ops.arange(length)

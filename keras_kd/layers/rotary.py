@@ -25,6 +25,7 @@ def rotary_embedding(x, max_wavelength=10000, position_axis=1):
         Su et al. RoFormer: Enhanced Transformer with Rotary Position
         Embedding. 2021. https://arxiv.org/abs/2104.09864
     """
+    x = ops.convert_to_tensor(x)
     rank = len(x.shape)
     position_axis = position_axis % rank
     half = x.shape[-1] // 2
