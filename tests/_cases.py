@@ -59,7 +59,7 @@ def teacher_zeros_pair(seed=1):
     """Teacher logits with `-inf` entries (zero target probability) where the
     student is finite: only one-sided divergences are finite here."""
     rng = np.random.default_rng(seed)
-    t, s = 2.0 * rng.normal(size=(4, 6)), 2.0 * rng.normal(size=(4, 6))
+    t, s = 2.0 * rng.normal(size=(5, 7)), 2.0 * rng.normal(size=(5, 7))
     t[:, 1::2] = NEG_INF
     return f32(t), f32(s)
 
@@ -89,7 +89,8 @@ def sparse_labels(seed=3, rows=(2, 3), classes=10, width=4, pad=-1):
     rng = np.random.default_rng(seed)
     indices = rng.integers(0, classes, size=rows + (width,))
     indices[..., -1] = pad
-    indices[0, 0, 1] = indices[0, 0, 0]
+    first = (0,) * len(rows)
+    indices[first + (1,)] = indices[first + (0,)]
     if pad == 0:
         indices[indices == 0] = 1
         indices[..., -1] = 0

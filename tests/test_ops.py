@@ -306,10 +306,11 @@ GRAD_FUNCTIONS = {
 def test_gradients_finite_with_masks(name):
     fn = GRAD_FUNCTIONS[name]
     inputs = [CASES["masked"], CASES["confident1e4"]]
-    for mask_value in (NEG_INF, -1e12):
-        inputs.append(global_pointer_logits(mask_value=mask_value)[:2])
     if name in ("kl", "mlce", "gp"):
         inputs.append(teacher_zeros_pair())
+    if name in ("mlce", "gp"):
+        for mask_value in (NEG_INF, -1e12):
+            inputs.append(global_pointer_logits(mask_value=mask_value)[:2])
     for t, s in inputs:
         for grad in backend_grad(fn, t, s):
             assert np.all(np.isfinite(grad)), name
