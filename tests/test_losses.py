@@ -386,3 +386,53 @@ def test_rdrop_weights_each_row():
     close(loss(labels, logits), per_row.mean())
     weights = f32([1, 1, 0, 0])
     close(loss(labels, logits, sample_weight=weights), per_row[:2].sum() / 4)
+
+
+# ------------------------------------------- pitfalls the README lists
+
+
+def test_pitfall_probability_space_kl_of_raw_logits():
+    # keras.losses.KLDivergence expects probabilities; given temperature-
+    # scaled logits it clips them to [1e-7, 1] and returns a negative "KL".
+    t = f32([[1, 2, 3], [4, 5, 6]])
+    s = f32([[1.2, 2.1, 2.9], [3.8, 5.2, 6.1]])
+    peer = float(np_(keras.losses.KLDivergence()(t / 2.0, s / 2.0)))
+    assert abs(peer - (-0.0456)) < 5e-5
+    ours = float(np_(losses.KLDivergence(temperature=2.0)(t, s)))
+    assert abs(ours - 0.008507) < 1e-6
+
+
+def test_pitfall_clipping_at_1e7():
+    t, s = f32([[30.0, 0.0, -30.0]]), f32([[0.0, 0.0, 30.0]])
+    softmax = keras.ops.softmax
+    peer = float(np_(keras.losses.KLDivergence()(softmax(t), softmax(s))))
+    assert abs(peer - 16.12) < 5e-3
+    ours = float(np_(losses.KLDivergence()(t, s)))
+    assert abs(ours - kl64(t, s)[0]) < 1e-5
+    assert abs(ours - 30.0) < 1e-5
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch peer")
+def test_pitfall_torch_mean_and_masked_entries():
+    import torch
+    import torch.nn.functional as F
+
+    t, s = logit_pairs()["random"]
+    log_q, p = (
+        F.log_softmax(torch.tensor(s), -1),
+        F.softmax(torch.tensor(t), -1),
+    )
+    ours = float(np_(losses.KLDivergence(reduction="mean")(t, s)))
+    batchmean = F.kl_div(log_q, p, reduction="batchmean").item()
+    mean = F.kl_div(log_q, p, reduction="mean").item()
+    assert abs(ours - batchmean) < 1e-5
+    # torch's "mean" divides by the class count as well
+    assert abs(mean * t.shape[-1] - batchmean) < 1e-5
+    t, s = logit_pairs()["masked"]
+    log_q, p = (
+        F.log_softmax(torch.tensor(s), -1),
+        F.softmax(torch.tensor(t), -1),
+    )
+    assert math.isnan(F.kl_div(log_q, p, reduction="batchmean").item())
+    ours = np_(losses.KLDivergence(reduction="none")(t, s))
+    close(ours, kl64(t, s))
