@@ -482,3 +482,16 @@ def test_agrees_with_optax(case):
             log_q, log_p, where=where
         )
         close(ours[alive], np_(expected)[alive])
+
+
+def test_clipped_peer_gives_no_gradient_where_ours_does():
+    # keras.losses.KLDivergence clips probabilities at 1e-7: a confidently
+    # wrong student gets (almost) no gradient from it.
+    t, s = f32([[30.0, 0.0, -30.0]]), f32([[0.0, 0.0, 30.0]])
+    peer = keras.losses.KLDivergence(reduction="none")
+    _, peer_grad = backend_grad(
+        lambda a, b: peer(keras.ops.softmax(a), keras.ops.softmax(b)), t, s
+    )
+    assert np.abs(peer_grad).max() < 1e-6
+    _, grad = backend_grad(kd.kl_divergence, t, s)
+    np.testing.assert_allclose(grad, [[-1.0, 0.0, 1.0]], atol=1e-6)

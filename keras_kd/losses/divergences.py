@@ -21,11 +21,14 @@ class KLDivergence(DivergenceLoss):
     ```
 
     For `[batch, length, vocab]` inputs the value is per token and the
-    default reduction averages over all tokens (a padding mask on `y_pred`,
-    or `sample_weight` of shape `[batch, length]`, excludes padded tokens).
-    torch's `F.kl_div(..., reduction="batchmean")` on such inputs divides
-    the total by the batch size instead: use `reduction="sum"` and divide
-    by the batch size.
+    default reduction averages over all tokens. For the mean over real
+    tokens, give the student's output a Keras mask (e.g. from
+    `Embedding(mask_zero=True)`), or pass the padding mask as
+    `sample_weight` with `reduction="mean_with_sample_weight"` (with the
+    default reduction a `sample_weight` zeroes padded tokens but still
+    divides by every position). torch's `F.kl_div(...,
+    reduction="batchmean")` on such inputs divides the total by the batch
+    size instead: use `reduction="sum"` and divide by the batch size.
 
     Args:
         temperature: softening temperature `T > 0`.
