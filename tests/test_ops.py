@@ -133,8 +133,8 @@ def test_kl_divergence_teacher_zeros():
 
 
 def test_kl_divergence_probabilities_vs_rel_entr(rng):
-    p = special.softmax(rng.normal(size=(4, 6)), axis=-1)
-    q = special.softmax(rng.normal(size=(4, 6)), axis=-1)
+    p = special.softmax(rng.normal(size=(5, 7)), axis=-1)
+    q = special.softmax(rng.normal(size=(5, 7)), axis=-1)
     p[:, 0] = 0.0
     p /= p.sum(-1, keepdims=True)
     p, q = f32(p), f32(q)
@@ -276,6 +276,36 @@ def test_sparse_multilabel_loss_global_pointer_rank4(mask_value):
     close(value, np_(dense(labels, s)))
 
 
+def test_axis_equals_moving_the_axis():
+    t, s = CASES["masked"]
+    for fn in (
+        kd.kl_divergence,
+        kd.symmetric_kl_divergence,
+        kd.jensen_shannon_divergence,
+        kd.cross_entropy,
+    ):
+        close(fn(t.T, s.T, axis=0), np_(fn(t, s)))
+    labels = f32(t > 0)
+    close(
+        kd.multilabel_categorical_crossentropy(labels.T, s.T, axis=0),
+        np_(kd.multilabel_categorical_crossentropy(labels, s)),
+    )
+
+
+def test_masking_equals_slicing():
+    t, s = CASES["masked"]
+    keep = np.isfinite(t[0])
+    for fn in (
+        kd.kl_divergence,
+        kd.symmetric_kl_divergence,
+        kd.jensen_shannon_divergence,
+        kd.global_pointer_kl_divergence,
+    ):
+        masked = np_(fn(t[:1], s[:1]))
+        sliced = np_(fn(t[:1, keep], s[:1, keep]))
+        close(masked, sliced)
+
+
 def test_log_probabilities_fully_masked_row():
     x = f32([[NEG_INF, NEG_INF], [0.0, NEG_INF]])
     np.testing.assert_array_equal(
@@ -382,7 +412,7 @@ def test_multilabel_gradient_value(mask_value):
 
 
 def test_jsd_gradient_matches_finite_differences(rng):
-    t, s = f32(rng.normal(size=(2, 5))), f32(rng.normal(size=(2, 5)))
+    t, s = f32(rng.normal(size=(5, 7))), f32(rng.normal(size=(5, 7)))
     _, grad = backend_grad(
         lambda a, b: kd.jensen_shannon_divergence(a, b, 0.3), t, s
     )
