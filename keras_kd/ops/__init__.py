@@ -1,0 +1,73 @@
+"""Divergences and losses as pure functions over `keras.ops`.
+
+Every function here returns the *unreduced* value: the reduction axis (the
+class axis, or the label grid of a GlobalPointer head) is summed away and
+every other axis is kept, so `[batch, classes]` gives `[batch]` and
+`[batch, length, vocab]` gives one value per token. Reduction, sample weights
+and masks are the job of `keras.losses.Loss.__call__` (see
+`keras_kd.losses`), or of the caller in a custom training loop.
+
+Conventions shared by all functions:
+
+- `y_true` is the target (the teacher), `y_pred` the prediction (the
+  student). Inputs are logits by default (`from_logits=True`); with
+  `from_logits=False` they are probabilities, which are turned into
+  log-probabilities once and then treated exactly like logits.
+- Everything is computed in log space from logits, with the row maximum
+  subtracted before the temperature divides: results agree with a float64
+  computation on the same inputs to float32 rounding (relative 1e-5) for
+  any finite logits, however confident (tested up to 1e4). Nothing is
+  clipped.
+- Entries equal to `-inf` (masked logits, or zero probabilities) carry no
+  mass: they contribute exactly 0 and give finite gradients, and a row whose
+  entries are all `-inf` contributes 0. As in the math, a KL term is `+inf`
+  where the target has mass and the prediction has none.
+- `temperature` divides the logits and multiplies the divergence by
+  `temperature**2` (Hinton et al., 2015), so gradient magnitudes do not
+  shrink as the temperature grows.
+- float16 and bfloat16 inputs are computed in float32.
+"""
+
+from keras_kd.ops._core import _check_same_shape as _check_same_shape
+from keras_kd.ops._core import log_probabilities as log_probabilities
+from keras_kd.ops._core import validate_beta as validate_beta
+from keras_kd.ops._core import validate_temperature as validate_temperature
+from keras_kd.ops._divergences import cross_entropy as cross_entropy
+from keras_kd.ops._divergences import entropy as entropy
+from keras_kd.ops._divergences import (
+    jensen_shannon_divergence as jensen_shannon_divergence,
+)
+from keras_kd.ops._divergences import kl_divergence as kl_divergence
+from keras_kd.ops._divergences import (
+    paired_symmetric_kl_divergence as paired_symmetric_kl_divergence,
+)
+from keras_kd.ops._divergences import (
+    symmetric_kl_divergence as symmetric_kl_divergence,
+)
+from keras_kd.ops._multilabel import _positives_mask as _positives_mask
+from keras_kd.ops._multilabel import (
+    binary_symmetric_kl_divergence as binary_symmetric_kl_divergence,
+)
+from keras_kd.ops._multilabel import (
+    global_pointer_kl_divergence as global_pointer_kl_divergence,
+)
+from keras_kd.ops._multilabel import (
+    multilabel_categorical_crossentropy as multilabel_categorical_crossentropy,
+)
+from keras_kd.ops._multilabel import (
+    sparse_multilabel_categorical_crossentropy as sparse_multilabel_categorical_crossentropy,  # noqa: E501
+)
+
+__all__ = [
+    "binary_symmetric_kl_divergence",
+    "cross_entropy",
+    "entropy",
+    "global_pointer_kl_divergence",
+    "jensen_shannon_divergence",
+    "kl_divergence",
+    "log_probabilities",
+    "multilabel_categorical_crossentropy",
+    "paired_symmetric_kl_divergence",
+    "sparse_multilabel_categorical_crossentropy",
+    "symmetric_kl_divergence",
+]

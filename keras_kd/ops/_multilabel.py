@@ -1,0 +1,232 @@
+"""Multi-label (sigmoid) losses: the GlobalPointer symmetric "KL" and the
+multi-label categorical crossentropy, dense and sparse."""
+
+import math
+
+from keras import ops
+
+from keras_kd.ops._core import (
+    _as_float,
+    _pair,
+    _scale,
+    _times_t_squared,
+    validate_temperature,
+)
+
+# ------------------------------------------------- multi-label (sigmoid) head
+
+
+def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
+    """Elementwise symmetric KL of the two-class distributions
+    `[sigmoid(x), 1 - sigmoid(x)]`, with no reduction.
+
+    Formula:
+
+    ```
+    d = T**2 * (sigmoid(s / T) - sigmoid(t / T)) * (s - t) / T
+    ```
+
+    Computed without cancellation or overflow. With `u >= v` the larger and
+    smaller of `|s|, |t|` and `d = |s - t|` (each divided by `T`):
+
+    ```
+    sigmoid(s) - sigmoid(t) = -expm1(-d) * exp(-w) / ((1 + e^-u) (1 + e^-v))
+    ```
+
+    where `w = v` if `s` and `t` have the same sign and `w = 0` otherwise.
+    Every exponential lies in `[0, 1]` and no large logits are added or
+    subtracted, so values and gradients stay finite and accurate for logits
+    of any size, including the `-1e12` GlobalPointer uses for masked spans.
+    Entries that are `-inf` in either input are masked: they contribute 0.
+
+    Args:
+        y_true: logits `t`.
+        y_pred: logits `s`, same shape.
+        temperature: softening temperature `T > 0`.
+
+    Returns:
+        The elementwise divergence, same shape as the inputs.
+    """
+    temperature = validate_temperature(temperature)
+    t, s = _pair(y_true, y_pred)
+    masked = ops.logical_or(s == -math.inf, t == -math.inf)
+    s = ops.where(masked, 0.0, s)
+    t = ops.where(masked, 0.0, t)
+    d = _scale(ops.abs(s - t), temperature)
+    u = _scale(ops.maximum(ops.abs(s), ops.abs(t)), temperature)
+    v = _scale(ops.minimum(ops.abs(s), ops.abs(t)), temperature)
+    w = ops.where(ops.equal(s > 0, t > 0), v, 0.0)
+    normalizer = (1.0 + ops.exp(-u)) * (1.0 + ops.exp(-v))
+    gap = -ops.expm1(-d) * ops.exp(-w) / normalizer
+    value = ops.where(masked, 0.0, d * gap)
+    return _times_t_squared(value, temperature)
+
+
+def global_pointer_kl_divergence(y_true, y_pred, temperature=1.0, axis=None):
+    """Symmetric "KL" divergence of multi-label (GlobalPointer) logits.
+
+    GlobalPointer logits mark positives by `> 0`; they are not a softmax
+    distribution. The softmax of the symmetric KL is replaced by a sigmoid:
+
+    ```
+    D(s, t) = T**2 * sum((sigmoid(s/T) - sigmoid(t/T)) * (s/T - t/T))
+    ```
+
+    which equals the summed symmetric KL of the per-entry two-class
+    distributions `[sigmoid(x), 1 - sigmoid(x)]` (Su, 2022). Masked entries
+    (`-inf`, or large negative values in both inputs, as GlobalPointer uses
+    for padding and the lower triangle) contribute exactly 0.
+
+    Args:
+        y_true: target logits `t`, e.g. `[batch, heads, length, length]`.
+        y_pred: predicted logits `s`, same shape.
+        temperature: softening temperature `T > 0`.
+        axis: the axes of one label set, summed away. `None` means the
+            `length x length` grid, `(-2, -1)`, for inputs of rank 4 and the
+            last axis otherwise.
+
+    Returns:
+        The divergence with `axis` removed: `[batch, heads]` for
+        GlobalPointer logits.
+
+    Reference:
+        Su. GlobalPointer下的"KL散度"应该是怎样的? 2022.
+        https://spaces.ac.cn/archives/9039
+    """
+    elementwise = binary_symmetric_kl_divergence(y_true, y_pred, temperature)
+    return ops.sum(elementwise, axis=_label_axes(elementwise, axis))
+
+
+def _label_axes(x, axis):
+    if axis is not None:
+        return axis
+    return (-2, -1) if len(x.shape) == 4 else -1
+
+
+def multilabel_categorical_crossentropy(y_true, y_pred, axis=None):
+    """Multi-label categorical crossentropy of logits against 0/1 labels.
+
+    The "softmax + cross-entropy" generalized to any number of positives,
+    the training loss of GlobalPointer heads:
+
+    ```
+    loss = log(1 + sum_{neg} exp(s_i)) + log(1 + sum_{pos} exp(-s_j))
+    ```
+
+    Each positive is pushed above 0 and each negative below 0. Entries whose
+    logit is `-inf` (masked) contribute nothing, even if labelled positive.
+
+    Args:
+        y_true: 0/1 labels, same shape as `y_pred`.
+        y_pred: logits.
+        axis: the axes of one label set, summed over. `None` means `(-2, -1)`
+            (the `length x length` span grid) for rank-4 GlobalPointer
+            logits and the last axis otherwise.
+
+    Returns:
+        The loss with `axis` removed: `[batch, heads]` for GlobalPointer
+        logits, `[batch]` for `[batch, classes]`.
+
+    Reference:
+        Su. 将"Softmax+交叉熵"推广到多标签分类问题. 2020.
+        https://spaces.ac.cn/archives/7359
+    """
+    y_true, y_pred = _pair(y_true, y_pred)
+    axis = _label_axes(y_pred, axis)
+    positive = y_true > 0.5
+    usable = y_pred > -math.inf
+    logits = ops.where(usable, y_pred, 0.0)
+    # A masked entry is excluded from both sums, whatever its label.
+    neg = ops.where(ops.logical_and(usable, ~positive), logits, -math.inf)
+    pos = ops.where(ops.logical_and(usable, positive), -logits, -math.inf)
+    return _log1p_sum_exp(neg, axis) + _log1p_sum_exp(pos, axis)
+
+
+def _log1p_sum_exp(x, axis):
+    """`log(1 + sum(exp(x)))` over `axis`, stable, `-inf` entries ignored."""
+    if isinstance(axis, int):
+        axis = (axis,)
+    top = ops.max(x, axis=axis, keepdims=True)
+    # Shift by max(top, 0) so that no exp() overflows; a set with no finite
+    # entry (all masked) shifts by 0. The shift is a constant: the value
+    # does not depend on it, and its gradient must not either.
+    high = ops.stop_gradient(
+        ops.maximum(ops.where(top > -math.inf, top, 0.0), 0.0)
+    )
+    total = ops.squeeze(
+        ops.sum(ops.exp(x - high), axis=axis, keepdims=True), axis=axis
+    )
+    high = ops.squeeze(high, axis=axis)
+    # Unshifted, log1p keeps the digits of a small sum (a well-trained
+    # model's loss); shifted, the sum is >= 1 and log is exact.
+    shifted = high + ops.log(total + ops.exp(-high))
+    return ops.where(high > 0, shifted, ops.log1p(total))
+
+
+def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero=False):
+    """Multi-label categorical crossentropy with sparse positive labels.
+
+    Same value as `multilabel_categorical_crossentropy`, but the positives
+    come as integer indices into the last axis instead of a dense 0/1
+    tensor. For GlobalPointer spans the labels then take memory linear in
+    the number of entities instead of `length**2` per head, which is what
+    matters for a data pipeline. Inside the loss the positives are scattered
+    into a boolean mask the size of the logits (no larger than the logits
+    themselves), so the value is exact; the common shortcut
+    `log(sum_all - sum_pos)` cancels catastrophically once the positives
+    hold most of the mass, i.e. for a well-trained model.
+
+    Args:
+        y_true: int tensor `[..., num_positives]` of indices into the last
+            axis of `y_pred` (for GlobalPointer, flatten the span grid:
+            index `start * length + end`). Padding entries are `-1`, or `0`
+            when `mask_zero=True` (then index 0 cannot be a positive).
+            Repeated indices count once.
+        y_pred: logits `[..., num_classes]` (for GlobalPointer, reshape
+            `[batch, heads, length, length]` to `[batch, heads, length**2]`).
+        mask_zero: whether index 0 marks padding.
+
+    Returns:
+        The loss `[...]` (the class axis removed).
+    """
+    y_pred = _as_float(y_pred)
+    positive = _positives_mask(y_true, y_pred, mask_zero)
+    return multilabel_categorical_crossentropy(
+        ops.cast(positive, y_pred.dtype), y_pred, axis=-1
+    )
+
+
+def _positives_mask(indices, logits, mask_zero):
+    """Scatters sparse positive indices into a boolean mask like `logits`."""
+    indices = ops.cast(ops.convert_to_tensor(indices), "int32")
+    num_classes = logits.shape[-1]
+    if num_classes is None:
+        raise ValueError(
+            "The last axis of `y_pred` must have a static size. Received: "
+            f"y_pred.shape={tuple(logits.shape)}"
+        )
+    if tuple(indices.shape[:-1]) != tuple(logits.shape[:-1]) and None not in (
+        tuple(indices.shape[:-1]) + tuple(logits.shape[:-1])
+    ):
+        raise ValueError(
+            "Arguments `y_true` and `y_pred` must agree on all axes but the "
+            f"last. Received: y_true.shape={tuple(indices.shape)}, "
+            f"y_pred.shape={tuple(logits.shape)}"
+        )
+    valid = indices > 0 if mask_zero else indices >= 0
+    # Padding goes to an extra column that is dropped afterwards.
+    columns = ops.where(valid, indices, num_classes)
+    columns = ops.reshape(columns, (-1, indices.shape[-1]))
+    rows = ops.shape(columns)[0]
+    row_ids = ops.broadcast_to(
+        ops.expand_dims(ops.arange(rows, dtype="int32"), -1),
+        ops.shape(columns),
+    )
+    coordinates = ops.reshape(ops.stack([row_ids, columns], axis=-1), (-1, 2))
+    counts = ops.scatter(
+        coordinates,
+        ops.ones((ops.shape(coordinates)[0],), dtype="int32"),
+        (rows, num_classes + 1),
+    )
+    mask = counts[:, :num_classes] > 0
+    return ops.reshape(mask, ops.shape(logits))
