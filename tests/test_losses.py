@@ -1,5 +1,5 @@
 """keras_kd.losses as Keras `Loss` objects: reduction, weights, masks,
-argument checks, serialization, training, and the R-Drop losses."""
+argument checks, serialization, training, and the pitfalls they remove."""
 
 import math
 import re
@@ -15,30 +15,16 @@ from _cases import (
     log_softmax64,
     logit_pairs,
     mlce64,
-    rdrop64,
     sparse_labels,
+)
+from _cases_keras import (
+    BACKEND,
+    _fresh_session,  # noqa: F401 (overrides conftest's)
+    close,
+    np_,
 )
 
 from keras_kd import losses
-
-BACKEND = keras.backend.backend()
-RTOL, ATOL = 1e-5, 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _fresh_session():
-    # Overrides the conftest fixture: its gc.collect() costs ~0.5 s a test;
-    # the few tiny models built here need no reclaiming between tests.
-    keras.backend.clear_session(free_memory=False)
-    keras.utils.set_random_seed(1234)
-
-
-def np_(x):
-    return keras.ops.convert_to_numpy(x)
-
-
-def close(actual, expected, rtol=RTOL, atol=ATOL):
-    np.testing.assert_allclose(np_(actual), expected, rtol=rtol, atol=atol)
 
 
 def sequence_pair(seed=0, batch=2, length=4, vocab=5):
@@ -180,16 +166,6 @@ def test_invalid_beta(value):
         losses.JensenShannonDivergence(beta=value)
 
 
-@pytest.mark.parametrize("value", [-1.0, math.inf])
-def test_invalid_alpha(value):
-    for cls in (
-        losses.RDropCategoricalCrossentropy,
-        losses.RDropSparseCategoricalCrossentropy,
-    ):
-        with pytest.raises(ValueError, match=f"`alpha`.*alpha={value}"):
-            cls(alpha=value)
-
-
 def test_mismatched_shapes():
     t = np.zeros((2, 3), "float32")
     s = np.zeros((2, 4), "float32")
@@ -204,14 +180,6 @@ def test_mismatched_shapes():
             loss(t, s)
         message = str(info.value)
         assert "(2, 3)" in message and "(2, 4)" in message, loss
-
-
-def test_odd_batch_for_rdrop():
-    probs = np.full((3, 4), 0.25, "float32")
-    with pytest.raises(ValueError, match="pairs"):
-        losses.RDropCategoricalCrossentropy()(probs, probs)
-    with pytest.raises(ValueError, match="pairs"):
-        losses.RDropSparseCategoricalCrossentropy()(np.zeros(3), probs)
 
 
 # --------------------------------------------------------- serialization
@@ -315,79 +283,6 @@ def test_fit_with_sparse_multilabel_loss():
         loss(indices, model(x)),
         mlce64(labels, np_(model(x))).mean(),
     )
-
-
-def test_fit_with_rdrop_on_interleaved_pairs():
-    rng = np.random.default_rng(2)
-    x = f32(rng.normal(size=(16, 4)))
-    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0)
-    x, y = np.repeat(x, 2, axis=0), np.repeat(y, 2, axis=0)
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(3),
-        ]
-    )
-    loss = losses.RDropSparseCategoricalCrossentropy(
-        alpha=4.0, from_logits=True
-    )
-    history = _fit_losses(model, loss, x, y)
-    assert all(np.isfinite(history))
-    assert history[-1] < history[0]
-
-
-# ----------------------------------------------------------------- R-Drop
-
-
-def test_rdrop_matches_float64():
-    rng = np.random.default_rng(3)
-    logits = f32(2.0 * rng.normal(size=(6, 4)))
-    labels = rng.integers(0, 4, size=6)
-    one_hot = np.eye(4, dtype="float32")[labels]
-    for alpha in (0.0, 1.0, 4.0):
-        expected = rdrop64(one_hot, logits, alpha)
-        dense = losses.RDropCategoricalCrossentropy(alpha, from_logits=True)
-        sparse = losses.RDropSparseCategoricalCrossentropy(
-            alpha, from_logits=True
-        )
-        close(dense(one_hot, logits), expected)
-        close(sparse(labels, logits), expected)
-        close(sparse(labels[:, None], logits), expected)
-    probs = np.exp(log_softmax64(logits)).astype("float32")
-    close(
-        losses.RDropCategoricalCrossentropy(2.0)(one_hot, probs),
-        rdrop64(one_hot, probs, 2.0, from_logits=False),
-    )
-
-
-def test_rdrop_identical_pairs_have_no_consistency_term():
-    rng = np.random.default_rng(4)
-    logits = f32(np.repeat(rng.normal(size=(3, 4)), 2, axis=0))
-    labels = np.array([0, 0, 2, 2, 3, 3])
-    ce = -log_softmax64(logits)[np.arange(6), labels].mean()
-    for alpha in (1.0, 100.0):
-        loss = losses.RDropSparseCategoricalCrossentropy(
-            alpha, from_logits=True
-        )
-        close(loss(labels, logits), ce)
-
-
-def test_rdrop_weights_each_row():
-    rng = np.random.default_rng(5)
-    logits = f32(rng.normal(size=(4, 3)))
-    labels = np.array([0, 0, 1, 1])
-    loss = losses.RDropSparseCategoricalCrossentropy(2.0, from_logits=True)
-    per_row = np_(
-        losses.RDropSparseCategoricalCrossentropy(
-            2.0, from_logits=True, reduction="none"
-        )(labels, logits)
-    )
-    assert per_row.shape == (4,)
-    close(loss(labels, logits), per_row.mean())
-    weights = f32([1, 1, 0, 0])
-    close(loss(labels, logits, sample_weight=weights), per_row[:2].sum() / 4)
 
 
 # ------------------------------------------- pitfalls the README lists

@@ -1,0 +1,57 @@
+"""Keras-side helpers shared by the ops and loss tests: the session
+fixture, NumPy conversion, tolerances and backend autodiff."""
+
+import keras
+import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    # Imported by a test module, this overrides the conftest fixture: its
+    # gc.collect() costs ~0.5 s a test, and these tests build at most a few
+    # tiny models.
+    keras.backend.clear_session(free_memory=False)
+    keras.utils.set_random_seed(1234)
+
+
+def np_(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def close(actual, expected, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np_(actual), expected, rtol=rtol, atol=atol)
+
+
+def backend_grad(fn, *args):
+    """Gradients of `sum(fn(*args))` by the backend's own autodiff."""
+    if BACKEND == "jax":
+        import jax
+
+        argnums = tuple(range(len(args)))
+        grads = jax.grad(lambda *a: keras.ops.sum(fn(*a)), argnums=argnums)(
+            *[keras.ops.convert_to_tensor(a) for a in args]
+        )
+    elif BACKEND == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in args]
+        keras.ops.sum(fn(*tensors)).backward()
+        grads = [t.grad for t in tensors]
+    else:
+        import tensorflow as tf
+
+        tensors = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            for t in tensors:
+                tape.watch(t)
+            value = keras.ops.sum(fn(*tensors))
+        grads = tape.gradient(value, tensors)
+    # an argument outside the differentiable path gets None (torch, TF)
+    return [
+        np.zeros(np.shape(a)) if g is None else np_(g)
+        for a, g in zip(args, grads)
+    ]
