@@ -121,6 +121,13 @@ class RDrop(keras.Model):
         self.divergence_tracker = keras.metrics.Mean(name="rdrop_divergence")
         self._paired = False
 
+    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
+        # Keras keeps the loss of an earlier compile when recompiled with
+        # `loss=None`; divergence-only training must not inherit it.
+        self.loss = None
+        self._compile_loss = None
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+
     def build(self, input_shape=None):
         if not self.model.built and input_shape is not None:
             self.model.build(input_shape)
