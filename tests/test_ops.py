@@ -228,6 +228,9 @@ def test_mixed_dtypes():
     close(value, kl64(TEACHER, STUDENT, 2.0))
     ints = np.array([[1, 2, 3], [4, 5, 6]], "int32")
     close(kd.kl_divergence(ints, STUDENT), kl64(TEACHER, STUDENT))
+    # float64 with float32 computes in float64 where the backend allows it
+    value = kd.symmetric_kl_divergence(TEACHER.astype("float64"), STUDENT)
+    close(value, symmetric_kl64(TEACHER, STUDENT))
 
 
 # ----------------------------------------------------------------- peers
