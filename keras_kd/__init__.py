@@ -7,6 +7,14 @@ from keras_kd import losses as losses
 from keras_kd import metrics as metrics
 from keras_kd import ops as ops
 from keras_kd.distiller import Distiller as Distiller
+from keras_kd.dkd import DKDDistiller as DKDDistiller
+from keras_kd.feature_distillation import FeatureDistiller as FeatureDistiller
+from keras_kd.multi_teacher import (
+    MultiTeacherDistiller as MultiTeacherDistiller,
+)
+from keras_kd.offline import OfflineDistiller as OfflineDistiller
+from keras_kd.offline import cache_teacher_outputs as cache_teacher_outputs
+from keras_kd.offline import load_teacher_outputs as load_teacher_outputs
 from keras_kd.rdrop import RDrop as RDrop
 
 __version__ = "0.1.0"

@@ -11,6 +11,14 @@ from keras_kd.losses.divergences import (
 from keras_kd.losses.divergences import (
     SymmetricKLDivergence as SymmetricKLDivergence,
 )
+from keras_kd.losses.dkd import DecoupledKD as DecoupledKD
+from keras_kd.losses.features import AttentionTransfer as AttentionTransfer
+from keras_kd.losses.features import (
+    FeatureCosineDistance as FeatureCosineDistance,
+)
+from keras_kd.losses.features import (
+    FeatureMeanSquaredError as FeatureMeanSquaredError,
+)
 from keras_kd.losses.multilabel import (
     GlobalPointerKLDivergence as GlobalPointerKLDivergence,
 )

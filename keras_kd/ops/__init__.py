@@ -44,6 +44,17 @@ from keras_kd.ops._divergences import (
 from keras_kd.ops._divergences import (
     symmetric_kl_divergence as symmetric_kl_divergence,
 )
+from keras_kd.ops._dkd import decoupled_kd as decoupled_kd
+from keras_kd.ops._dkd import non_target_class_kd as non_target_class_kd
+from keras_kd.ops._dkd import target_class_kd as target_class_kd
+from keras_kd.ops._features import attention_map as attention_map
+from keras_kd.ops._features import attention_transfer as attention_transfer
+from keras_kd.ops._features import (
+    feature_cosine_distance as feature_cosine_distance,
+)
+from keras_kd.ops._features import (
+    feature_mean_squared_error as feature_mean_squared_error,
+)
 from keras_kd.ops._multilabel import _positives_mask as _positives_mask
 from keras_kd.ops._multilabel import (
     binary_symmetric_kl_divergence as binary_symmetric_kl_divergence,
@@ -59,15 +70,22 @@ from keras_kd.ops._multilabel import (
 )
 
 __all__ = [
+    "attention_map",
+    "attention_transfer",
     "binary_symmetric_kl_divergence",
     "cross_entropy",
+    "decoupled_kd",
     "entropy",
+    "feature_cosine_distance",
+    "feature_mean_squared_error",
     "global_pointer_kl_divergence",
     "jensen_shannon_divergence",
     "kl_divergence",
     "log_probabilities",
     "multilabel_categorical_crossentropy",
+    "non_target_class_kd",
     "paired_symmetric_kl_divergence",
     "sparse_multilabel_categorical_crossentropy",
     "symmetric_kl_divergence",
+    "target_class_kd",
 ]

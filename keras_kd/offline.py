@@ -1,0 +1,298 @@
+"""Offline distillation: the teacher's outputs are computed once, stored,
+and read back with each batch, so training runs no teacher forward pass."""
+
+import math
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_kd._distiller_utils import validate_model
+from keras_kd.api import export
+from keras_kd.distiller import Distiller
+
+INPUTS = "inputs"
+TEACHER_LOGITS = "teacher_logits"
+TOP_K_VALUES = "teacher_top_k_values"
+TOP_K_INDICES = "teacher_top_k_indices"
+
+
+def _rows(x):
+    leaves = keras.tree.flatten(x)
+    if not leaves or not all(hasattr(a, "shape") for a in leaves):
+        raise ValueError(
+            "Invalid value for argument `x`. Expected an array, or a list or "
+            "dict of arrays, with one row per example (for a dataset, cache "
+            f"it batch by batch). Received: x of type {type(x).__name__}"
+        )
+    return int(leaves[0].shape[0])
+
+
+def _allocate(path, name, shape, dtype):
+    if path is None:
+        return np.empty(shape, dtype=dtype)
+    return np.lib.format.open_memmap(
+        os.path.join(path, name + ".npy"), mode="w+", dtype=dtype, shape=shape
+    )
+
+
+def top_k_numpy(logits, k):
+    """The `k` largest logits per row, largest first, and their indices."""
+    if k >= logits.shape[-1]:
+        indices = np.argsort(-logits, axis=-1, kind="stable")
+    else:
+        part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+        order = np.argsort(
+            -np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable"
+        )
+        indices = np.take_along_axis(part, order, axis=-1)
+    return np.take_along_axis(logits, indices, axis=-1), indices
+
+
+def cache_teacher_outputs(
+    teacher, x, batch_size=256, top_k=None, path=None, dtype="float32"
+):
+    """Runs the teacher once over `x` and stores its logits.
+
+    The teacher runs in inference mode, batch by batch
+    (`teacher.predict_on_batch`); only one batch of full logits is held at
+    a time, so a top-k cache of a large-vocabulary teacher never
+    materializes `rows x vocabulary` floats.
+
+    Top-k caching keeps the `k` largest logits of each row (values and
+    class indices). `OfflineDistiller` then gives every other class a
+    logit of `-inf`: the teacher's probability mass outside its top k is
+    dropped and the kept probabilities are renormalized to sum to 1 (at
+    every temperature). The target distribution is then off by a total
+    variation distance of `1 - m`, with `m` the teacher's probability mass
+    in its top k at the distillation temperature; for the KL loss the
+    value becomes `(1/m) * sum_topk p log(p/q) - log m` instead of
+    `KL(p || q)`. Both vanish when `k` is the vocabulary size (`m = 1`).
+    Divergences that weight by the student's distribution (reverse KL) are
+    infinite against a top-k teacher; use `KLDivergence` or
+    `JensenShannonDivergence` with `beta < 1`.
+
+    Args:
+        teacher: a `keras.Model` with a single `[..., classes]` output.
+        x: the training inputs: an array, or a list/dict of arrays, one row
+            per example, in the order they will be given to `fit`.
+        batch_size: rows per teacher call.
+        top_k: keep only the `k` largest logits per row; `None` keeps all.
+        path: a directory; when given, the arrays are written there as
+            `.npy` files and returned as memory maps (reopen them with
+            `load_teacher_outputs(path)`); otherwise kept in memory.
+        dtype: storage dtype of the logits (`"float16"` halves the memory
+            at ~3 significant digits; indices are `int32`).
+
+    Returns:
+        A dict: `{"teacher_logits": [rows, ..., classes]}`, or with
+        `top_k`, `{"teacher_top_k_values": [rows, ..., k],
+        "teacher_top_k_indices": [rows, ..., k]}`. Train with
+        `distiller.fit({"inputs": x, **cache}, y)`.
+
+    Example:
+
+    ```python
+    cache = keras_kd.cache_teacher_outputs(teacher, x_train, top_k=32)
+    distiller = keras_kd.OfflineDistiller(student)
+    distiller.compile("adam", loss=..., distillation_loss=..., alpha=0.1)
+    distiller.fit({"inputs": x_train, **cache}, y_train, epochs=10)
+    ```
+    """
+    validate_model("teacher", teacher)
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+    ):
+        raise ValueError(
+            "Invalid value for argument `top_k`. Expected a positive integer "
+            f"or None. Received: top_k={top_k!r}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        batch_size = -1
+    if batch_size < 1:
+        raise ValueError(
+            "Invalid value for argument `batch_size`. Expected a positive "
+            f"integer. Received: batch_size={batch_size!r}"
+        )
+    rows = _rows(x)
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+    stored = None
+    for start in range(0, rows, batch_size):
+        stop = min(start + batch_size, rows)
+        chunk = keras.tree.map_structure(lambda a: a[start:stop], x)
+        logits = teacher.predict_on_batch(chunk)
+        if isinstance(logits, (list, tuple, dict)):
+            raise ValueError(
+                "Invalid value for argument `teacher`. Expected a model with "
+                "a single output. Received: outputs of type "
+                f"{type(logits).__name__}"
+            )
+        logits = np.asarray(logits, dtype="float32")
+        if top_k is None:
+            parts = {TEACHER_LOGITS: logits.astype(dtype)}
+        else:
+            values, indices = top_k_numpy(logits, top_k)
+            parts = {
+                TOP_K_VALUES: values.astype(dtype),
+                TOP_K_INDICES: indices.astype("int32"),
+            }
+        if stored is None:
+            stored = {
+                name: _allocate(path, name, (rows,) + a.shape[1:], a.dtype)
+                for name, a in parts.items()
+            }
+        for name, a in parts.items():
+            stored[name][start:stop] = a
+    for array in stored.values():
+        if isinstance(array, np.memmap):
+            array.flush()
+    return stored
+
+
+def load_teacher_outputs(path):
+    """Reopens a cache written by `cache_teacher_outputs(path=...)` as
+    read-only memory maps."""
+    found = {}
+    for name in (TEACHER_LOGITS, TOP_K_VALUES, TOP_K_INDICES):
+        file = os.path.join(path, name + ".npy")
+        if os.path.exists(file):
+            found[name] = np.load(file, mmap_mode="r")
+    if not found:
+        raise ValueError(
+            "Invalid value for argument `path`. Expected a directory written "
+            f"by `cache_teacher_outputs`. Received: path={path!r}"
+        )
+    return found
+
+
+def dense_from_top_k(values, indices, classes):
+    """Logits `[..., classes]`: `values` at `indices`, `-inf` elsewhere.
+
+    Args:
+        values: `[..., k]` logits.
+        indices: `[..., k]` class indices (distinct within a row).
+        classes: the vocabulary size.
+
+    Returns:
+        `[..., classes]` float32 logits.
+    """
+    values = ops.cast(values, "float32")
+    indices = ops.cast(indices, "int32")
+    shape = ops.shape(values)
+    k = shape[-1]
+    values = ops.reshape(values, (-1, k))
+    rows = ops.shape(values)[0]
+    row_ids = ops.repeat(ops.arange(rows, dtype="int32"), k)
+    coords = ops.stack([row_ids, ops.reshape(indices, (-1,))], axis=1)
+    dense = ops.full((rows, classes), -math.inf, dtype="float32")
+    dense = ops.scatter_update(dense, coords, ops.reshape(values, (-1,)))
+    return ops.reshape(dense, tuple(shape[:-1]) + (classes,))
+
+
+def _identity_teacher(student):
+    """A weightless stand-in for the absent teacher, shaped like the
+    student's output, so the `Distiller` machinery has a model to hold."""
+    outputs = getattr(student, "outputs", None)
+    if not outputs or len(outputs) != 1:
+        shape = (None,)
+    else:
+        shape = tuple(outputs[0].shape[1:])
+    inputs = keras.Input(shape, name="cached_teacher_outputs")
+    return keras.Model(inputs, inputs, name="cached_teacher")
+
+
+@export
+class OfflineDistiller(Distiller):
+    """A `Distiller` trained against cached teacher outputs.
+
+    Same `compile` / `fit` API and loss as `Distiller`, but the teacher's
+    outputs come with the data (see `cache_teacher_outputs`) instead of
+    from a teacher forward pass: `x` is a dict with the student's inputs
+    under `"inputs"` and the cache's arrays beside them (`fit` and
+    `evaluate`); `predict` also takes plain inputs. The student must have
+    a single output.
+
+    With a top-k cache the teacher's distribution is its top-k classes,
+    renormalized (see `cache_teacher_outputs` for the exact error).
+
+    `distiller.teacher` is a weightless identity placeholder; no teacher
+    model is needed at training time.
+
+    Args:
+        student: the `keras.Model` to train.
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+
+    ```python
+    cache = keras_kd.cache_teacher_outputs(teacher, x_train)
+    distiller = keras_kd.OfflineDistiller(student)
+    distiller.compile(
+        "adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        distillation_loss=keras_kd.losses.KLDivergence(temperature=4.0),
+        alpha=0.1,
+    )
+    distiller.fit({"inputs": x_train, **cache}, y_train, epochs=10)
+    ```
+    """
+
+    def __init__(self, student, **kwargs):
+        validate_model("student", student)
+        super().__init__(student, _identity_teacher(student), **kwargs)
+
+    @staticmethod
+    def _is_packed(inputs):
+        return isinstance(inputs, dict) and INPUTS in inputs
+
+    def call(self, inputs, training=None):
+        """Runs the student on `inputs["inputs"]` (or on plain inputs)."""
+        if self._is_packed(inputs):
+            inputs = inputs[INPUTS]
+        return self.student(inputs, training=training)
+
+    def teacher_predictions(self, x):
+        """Reads the cached teacher outputs from the batch `x`: the logits,
+        or the pair `(values, indices)` of a top-k cache."""
+        if self._is_packed(x) and TEACHER_LOGITS in x:
+            logits = ops.cast(x[TEACHER_LOGITS], "float32")
+            return ops.stop_gradient(logits)
+        if self._is_packed(x) and TOP_K_VALUES in x and TOP_K_INDICES in x:
+            return (
+                ops.stop_gradient(ops.cast(x[TOP_K_VALUES], "float32")),
+                x[TOP_K_INDICES],
+            )
+        keys = sorted(x) if isinstance(x, dict) else type(x).__name__
+        raise ValueError(
+            "Invalid value for argument `x`. `OfflineDistiller` expects a "
+            f"dict with the student's inputs under {INPUTS!r} and the "
+            f"cached teacher outputs ({TEACHER_LOGITS!r}, or "
+            f"{TOP_K_VALUES!r} and {TOP_K_INDICES!r}), e.g. "
+            "`{'inputs': x, **keras_kd.cache_teacher_outputs(teacher, x)}`. "
+            f"Received: x with {keys}"
+        )
+
+    def compute_distillation_loss(
+        self, x, y, y_pred, teacher_pred, sample_weight=None
+    ):
+        if isinstance(teacher_pred, tuple):
+            values, indices = teacher_pred
+            teacher_pred = dense_from_top_k(values, indices, y_pred.shape[-1])
+        return super().compute_distillation_loss(
+            x, y, y_pred, teacher_pred, sample_weight
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        del config["teacher"]
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["student"] = keras.saving.deserialize_keras_object(
+            config["student"], custom_objects=custom_objects
+        )
+        return cls(**config)
