@@ -23,7 +23,8 @@ BACKEND = keras.backend.backend()
 
 @pytest.fixture(autouse=True)
 def _fresh_session():
-    keras.backend.clear_session()
+    # free_memory=False skips a gc.collect() that costs ~0.5 s per test.
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     yield
 
