@@ -153,7 +153,8 @@ def run(args):
     train, test = load_digits_split(args.train_fraction, args.seed)
     # The split is stratified and shuffled, so its head is a fair subset.
     few = (train[0][: args.student_examples], train[1][: args.student_examples])
-    verbose = 0 if args.quiet else 2
+    # Progress bars on a terminal, one line per epoch in a log file.
+    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     metric = "sparse_categorical_accuracy"
     results = {}
