@@ -392,9 +392,7 @@ class Distiller(keras.Model):
         ):
             return loss
         bound = type(loss).from_config(loss.get_config())
-        self.temperature.assign(
-            float(ops.convert_to_numpy(loss.temperature))
-        )
+        self.temperature.assign(float(ops.convert_to_numpy(loss.temperature)))
         bound.temperature = self.temperature
         return bound
 

@@ -75,7 +75,8 @@ def test_alpha_follows_schedule_with_current_value():
     s = distiller.student.predict(x, verbose=0)
     hard, soft = ce_per_row(y, s).mean(), kl_per_row(t, s).mean()
     np.testing.assert_allclose(
-        history.history["loss"], alphas * hard + (1 - alphas) * soft,
+        history.history["loss"],
+        alphas * hard + (1 - alphas) * soft,
         rtol=1e-5,
     )
 
@@ -90,9 +91,7 @@ def test_scheduler_errors():
         make_distiller().fit(x, y, callbacks=[bad], verbose=0)
     teacher, student = pair()
     distiller = keras_kd.Distiller(student, teacher)
-    distiller.compile(
-        "sgd", distillation_loss=keras.losses.MeanSquaredError()
-    )
+    distiller.compile("sgd", distillation_loss=keras.losses.MeanSquaredError())
     scheduler = callbacks.TemperatureScheduler(lambda epoch: 2.0)
     with pytest.raises(ValueError, match="distillation loss with a"):
         distiller.fit(x, y, callbacks=[scheduler], verbose=0)
@@ -203,7 +202,12 @@ def test_backup_and_restore_resumes_to_same_weights(tmp_path):
         if backup_dir:
             cbs.append(keras.callbacks.BackupAndRestore(backup_dir))
         distiller.fit(
-            x, y, epochs=4, batch_size=8, shuffle=False, verbose=0,
+            x,
+            y,
+            epochs=4,
+            batch_size=8,
+            shuffle=False,
+            verbose=0,
             callbacks=cbs,
         )
         return distiller
