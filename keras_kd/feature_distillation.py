@@ -43,18 +43,18 @@ def feature_view(model, layer_names, role):
     """A functional model `x -> (outputs, [features...])` over `model`'s
     own layers (one call computes the outputs and the named layers' outputs
     together), and the symbolic features."""
+    inputs = symbolic_endpoint(model, "input")
+    outputs = symbolic_endpoint(model, "output")
     features = []
     for name in layer_names:
         try:
-            layer = model.get_layer(name)
-        except ValueError as error:
+            features.append(model.get_layer(name).output)
+        except (ValueError, AttributeError) as error:
             raise ValueError(
                 f"Invalid value for argument `features`. Expected names of "
-                f"{role} layers. Received: {name!r} ({error})"
+                f"{role} layers, each called once in the model. Received: "
+                f"{name!r} ({error})"
             ) from None
-        features.append(layer.output)
-    inputs = symbolic_endpoint(model, "input")
-    outputs = symbolic_endpoint(model, "output")
     view = keras.Model(inputs, (outputs, features), name=f"{role}_features")
     return view, features
 

@@ -187,16 +187,17 @@ class MultiTeacherDistiller(Distiller):
         return total
 
     def get_config(self):
-        config = super().get_config()
-        del config["teacher"]
-        config.update(
+        # Distiller.get_config would serialize the `_Teachers` wrapper.
+        return dict(
+            name=self.name,
+            trainable=self.trainable,
+            student=keras.saving.serialize_keras_object(self.student),
             teachers=[
                 keras.saving.serialize_keras_object(t) for t in self.teachers
             ],
             weights=self.weights_given,
             combine=self.combine,
         )
-        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
