@@ -269,9 +269,12 @@ class Distiller(keras.Model):
     def losses(self):
         """Regularization losses of everything but the teacher."""
         losses = super().losses
+        teacher = getattr(self, "teacher", None)
+        if teacher is None:
+            return losses
         teacher_losses = {
             id(loss)
-            for layer in self.teacher._flatten_layers()
+            for layer in teacher._flatten_layers()
             for loss in layer._get_own_losses()
         }
         if not teacher_losses:
@@ -287,7 +290,8 @@ class Distiller(keras.Model):
     # ---------------------------------------------------- frozen teacher
 
     def _trained_layers(self):
-        return [layer for layer in self.layers if layer is not self.teacher]
+        teacher = getattr(self, "teacher", None)
+        return [layer for layer in self.layers if layer is not teacher]
 
     @property
     def trainable_weights(self):

@@ -264,6 +264,30 @@ def test_dict_inputs_and_sequence_outputs_with_padding_mask():
     assert last.history["loss"][-1] < first.history["loss"][0]
 
 
+def two_heads(hidden, name):
+    inputs = keras.Input((FEATURES,))
+    h = layers.Dense(hidden, activation="relu")(inputs)
+    outputs = {"a": layers.Dense(CLASSES)(h), "b": layers.Dense(3)(h)}
+    return keras.Model(inputs, outputs, name=name)
+
+
+def test_dict_outputs_sum_the_distillation_terms():
+    teacher, student = two_heads(16, "teacher"), two_heads(8, "student")
+    x, y = data(16)
+    distiller = keras_kd.Distiller(student, teacher)
+    distiller.compile(
+        frozen_optimizer(),
+        loss={"a": sparse_ce(), "b": sparse_ce()},
+        distillation_loss=losses.KLDivergence(temperature=2.0),
+    )
+    logs = distiller.evaluate(
+        x, {"a": y, "b": y % 3}, batch_size=16, verbose=0, return_dict=True
+    )
+    t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
+    distill = sum(kl_per_row(t[k], s[k], 2.0).mean() for k in "ab")
+    np.testing.assert_allclose(logs["distillation_loss"], distill, atol=1e-5)
+
+
 def test_student_regularization_counts_and_teacher_regularization_not():
     teacher = mlp(
         16,

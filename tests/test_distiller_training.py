@@ -194,7 +194,23 @@ def digits_mlp(hidden, dropout=0.0):
     return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
+@pytest.fixture
+def one_torch_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine
+    # PyTorch's spinning worker threads slow each step down tenfold.
+    if BACKEND != "torch":
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_distilled_student_beats_scratch_on_digits():
     datasets = pytest.importorskip("sklearn.datasets")
     x, y = datasets.load_digits(return_X_y=True)
