@@ -128,6 +128,13 @@ class RDrop(keras.Model):
         self._compile_loss = None
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
+    def compile_from_config(self, config):
+        # Keras skips this for models that override `compile`.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def build(self, input_shape=None):
         if not self.model.built and input_shape is not None:
             self.model.build(input_shape)
@@ -173,7 +180,7 @@ class RDrop(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self._paired:
-            y_pred = tree.map_structure(lambda t: t[0::2], y_pred)
+            y_pred = tree.map_structure(lambda t: _pairs(t)[0], y_pred)
             if y is None or self.loss is None:
                 # No targets: the compiled metrics have nothing to compare.
                 return self.get_metrics_result()
@@ -266,14 +273,15 @@ def _reduced_pair_value(output, fn, sample_weight):
     """Mean over pairs (and tokens) of the divergence, weighted like a Keras
     `"sum_over_batch_size"` loss: weights scale the terms, masked entries
     leave the count."""
-    value = _unreduced(fn, output[0::2], output[1::2])
+    first, second = _pairs(output)
+    value = _unreduced(fn, first, second)
     value = ops.convert_to_tensor(value)
     dtype = value.dtype
     terms = value
     count = ops.cast(ops.size(value), dtype)
     mask = _get_keras_mask(output)
     if mask is not None:
-        mask = ops.cast(_to_rank(mask[0::2], len(value.shape)), dtype)
+        mask = ops.cast(_to_rank(_pairs(mask)[0], len(value.shape)), dtype)
         mask = ops.broadcast_to(mask, ops.shape(value))
         terms = terms * mask
         count = ops.sum(mask)
@@ -281,6 +289,19 @@ def _reduced_pair_value(output, fn, sample_weight):
         weight = ops.cast(sample_weight, dtype)
         terms = terms * _to_rank(weight, len(value.shape))
     return ops.divide_no_nan(ops.sum(terms), count)
+
+
+def _pairs(x):
+    """The first and second copies of an interleaved batch.
+
+    A reshape to `[pairs, 2, ...]` and an unstack, rather than strided
+    slices `x[0::2]`: on TensorFlow the strided slices of a large output
+    (a GlobalPointer grid) and their gradients cost as much as the loss.
+    """
+    shape = ops.shape(x)
+    pairs = ops.reshape(x, (-1, 2, *shape[1:]))
+    first, second = ops.unstack(pairs, num=2, axis=1)
+    return first, second
 
 
 def _to_rank(x, rank):

@@ -287,6 +287,7 @@ def test_saved_and_reloaded(tmp_path):
     assert isinstance(loaded, keras_kd.RDrop)
     assert loaded.alpha == 2.5
     assert loaded.divergence.temperature == 2.0
+    assert isinstance(loaded.loss, keras.losses.SparseCategoricalCrossentropy)
     np.testing.assert_allclose(
         to_numpy(loaded.predict(x, verbose=0)),
         to_numpy(rdrop.predict(x, verbose=0)),
