@@ -51,7 +51,7 @@ class RDrop(keras.Model):
     one copy, i.e. twice this loss for the same alpha) and the alpha of
     Su's bert4keras `categorical_crossentropy_with_rdrop`. The official
     README snippet averages CE over the batch but sums the KL over it; its
-    alpha corresponds to `alpha = batch_size * alpha_readme` here.
+    alpha corresponds to `alpha = 2 * batch_size * alpha_readme` here.
 
     `evaluate` and `predict` run `model` once on the batch as it is. Compiled
     metrics see one copy of each example. The history carries `loss` (the
