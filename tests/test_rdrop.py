@@ -189,6 +189,45 @@ def test_token_level_sample_weight_masks_the_divergence():
     np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
 
 
+def test_dict_inputs_and_two_outputs_each_get_their_divergence():
+    alpha = 2.0
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = layers.Dropout(0.5)(layers.Concatenate()([a, b]))
+    logits = layers.Dense(4)(h)
+    probabilities = layers.Dense(3, activation="softmax")(h)
+    model = keras.Model({"a": a, "b": b}, [logits, probabilities])
+    rdrop = keras_kd.RDrop(model, alpha=alpha)
+    rdrop.compile(
+        optimizer="sgd",
+        loss=[
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "sparse_categorical_crossentropy",  # probabilities
+        ],
+    )
+    rng = np.random.default_rng(3)
+    x = {
+        "a": rng.normal(size=(5, 3)).astype("float32"),
+        "b": rng.normal(size=(5, 2)).astype("float32"),
+    }
+    y = [rng.integers(0, 4, size=5), rng.integers(0, 3, size=5)]
+    first, second = rdrop(x, training=True)
+    loss = rdrop.compute_loss(x, y, [first, second], training=True)
+
+    p, q = to_numpy(first), to_numpy(second).astype("float64")
+    log_q = np.log(q)  # probabilities: their logs are the logits
+    expected = (
+        sparse_ce(np.repeat(y[0], 2), p).mean()
+        + sparse_ce(np.repeat(y[1], 2), log_q).mean()
+        + alpha
+        / 4
+        * (
+            symmetric_kl(p[0::2], p[1::2]).mean()
+            + symmetric_kl(log_q[0::2], log_q[1::2]).mean()
+        )
+    )
+    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+
+
 def test_divergence_only_mode_for_unlabeled_data():
     alpha = 6.0
     rdrop = keras_kd.RDrop(
