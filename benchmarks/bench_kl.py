@@ -107,16 +107,20 @@ def to_tensor(x):
 
 
 def time_shape(shape, impls, repeats, warmup):
+    """Forward and forward + backward samples, all interleaved."""
     t, s = (to_tensor(x) for x in random_logits(shape))
-    fwd = {k: common.forward(fn) for k, (fn, _) in impls.items()}
-    grad = {k: common.value_and_grad(fn) for k, (fn, _) in impls.items()}
-    forward_samples = common.time_interleaved(
-        {k: (lambda f=f: f(t, s)) for k, f in fwd.items()}, repeats, warmup
+    calls = {}
+    for key, (fn, _) in impls.items():
+        calls["forward", key] = common.forward(fn)
+        calls["grad", key] = common.value_and_grad(fn)
+    samples = common.time_interleaved(
+        {name: (lambda f=f: f(t, s)) for name, f in calls.items()},
+        repeats,
+        warmup,
     )
-    grad_samples = common.time_interleaved(
-        {k: (lambda f=f: f(t, s)) for k, f in grad.items()}, repeats, warmup
-    )
-    return forward_samples, grad_samples
+    forward = {key: samples["forward", key] for key in impls}
+    grad = {key: samples["grad", key] for key in impls}
+    return forward, grad
 
 
 def jax_memory_analysis(shape, loss_fn):
@@ -277,6 +281,40 @@ def error_table(errors):
     return common.markdown_table(header, rows)
 
 
+def targets(measured):
+    """One paragraph: keras_kd against the issue's targets."""
+    base = "torch" if "torch" in measured[0][1] else "reference"
+    ratios = []
+    for shape, grad, _ in measured:
+        ratio = (
+            common.summary(grad["keras_kd"])[0] / common.summary(grad[base])[0]
+        )
+        ratios.append(f"{common.fmt(ratio)} at {shape[0]} x {shape[1]}")
+    shape, _, memory = measured[-1]
+    copies = {
+        key: memory[key]["bytes"] / (shape[0] * shape[1] * 4)
+        for key in ("keras_kd", base)
+        if memory[key]["bytes"] is not None
+    }
+    text = (
+        f"keras_kd forward + backward time / {LABELS[base]}: "
+        f"{', '.join(ratios)}"
+    )
+    if base == "torch":
+        slow = any(
+            common.summary(g["keras_kd"])[0] > common.summary(g["torch"])[0]
+            for _, g, _ in measured
+        )
+        text += f" (target <= 1: {'not met' if slow else 'met'})"
+    if len(copies) == 2:
+        text += (
+            f". Peak extra memory at {shape[0]} x {shape[1]}: "
+            f"{common.fmt(copies['keras_kd'], 2)} copies of the logits "
+            f"({LABELS[base]}: {common.fmt(copies[base], 2)})"
+        )
+    return text + "."
+
+
 METHOD = """\
 ## KL divergence loss alone
 
@@ -286,9 +324,10 @@ mean of the per-row KL times `T**2`, at `T = {T}`, on float32 logits drawn
 from N(0, {scale}^2). Each backend runs its usual fast path: `jax.jit` of
 `jax.value_and_grad`, a `tf.function` around a `GradientTape` (no XLA, as
 `model.fit` on a CPU), eager torch autograd. All implementations are timed
-in the same process, interleaved in shuffled order, after warm-up; a cell
-reads `median (first quartile - third quartile)` in milliseconds, and the
-ratios divide medians from that one process.
+in the same process, in rounds that call each of them in a shuffled order
+(a fast one several times per round), after warm-up. A cell reads
+`median (first quartile - third quartile)` of the milliseconds per call,
+and the ratios divide medians from that one process.
 
 - `/ F.kl_div`: forward + backward time over torch's
   `F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T**2`.
@@ -324,9 +363,10 @@ def run_benchmark(args):
         common.fragment_heading("KL loss"),
         f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write).\n",
     ]
+    measured = []
     for index, shape in enumerate(shapes):
         large = index == len(shapes) - 1
-        repeats = (3 if large else 5) if args.quick else (9 if large else 31)
+        repeats = (3 if large else 5) if args.quick else (7 if large else 41)
         print(f"[{backend}] timing {shape} x {repeats}", flush=True)
         fwd, grad = time_shape(shape, impls, repeats, 1 if large else 3)
         memory = measure_memory(impls, shape) if large else None
@@ -335,11 +375,12 @@ def run_benchmark(args):
             xla = {}
             for key, (fn, _) in impls.items():
                 xla[key] = jax_memory_analysis(shape, fn)
+        measured.append((shape, grad, memory))
         logits_bytes = shape[0] * shape[1] * 4
         floor_ms = 3 * logits_bytes / bandwidth * 1e3
         parts.append(
             f"**{shape[0]} x {shape[1]}** (floor {common.fmt(floor_ms)} ms "
-            f"forward + backward, {repeats} samples):\n"
+            f"forward + backward, {repeats} rounds):\n"
         )
         parts.append(
             speed_table(
@@ -347,6 +388,7 @@ def run_benchmark(args):
             )
             + "\n"
         )
+    parts.append(targets(measured) + "\n")
     print(f"[{backend}] numerical error", flush=True)
     parts.append("**Error against float64** (T = 1):\n")
     parts.append(error_table(measure_errors(implementations(1.0), args.quick)))

@@ -25,6 +25,13 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "torch", "jax", "jaxlib")
+# Environment variables that change how the backends use the machine.
+SETTINGS = (
+    "OMP_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "XLA_FLAGS",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def parse_args(description, argv=None, add_arguments=None):
@@ -72,12 +79,16 @@ def device_description():
         import jax
 
         device = jax.devices()[0]
+        if device.platform == "cpu":
+            return f"CPU, {os.cpu_count()} cores"
         return f"{device.platform.upper()}: {device.device_kind}"
     if name == "tensorflow":
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-        return f"GPU: {gpus[0].name}" if gpus else "CPU"
+        return (
+            f"GPU: {gpus[0].name}" if gpus else f"CPU, {os.cpu_count()} cores"
+        )
     return "unknown"
 
 
@@ -154,19 +165,22 @@ def block(x):
     return x
 
 
-def time_interleaved(fns, repeats, warmup=2, min_sample_s=0.02):
-    """Median-ready samples of seconds per call for several callables.
+def time_interleaved(fns, repeats, warmup=2, min_sample_s=0.05):
+    """Samples of seconds per call for several callables, interleaved.
 
-    Every round calls each function once, in a shuffled order, so that load
-    from other processes falls on all of them alike and the ratios between
-    them stay meaningful. A sample of a fast function times a loop of as
-    many calls as fill `min_sample_s`.
+    Every round calls each function in a shuffled order, so that load from
+    other processes falls on all of them alike and the ratios between them
+    stay meaningful. A fast function is called several times per round,
+    enough to fill `min_sample_s`, and every call is one sample: on a
+    loaded machine a call now and then waits tens of milliseconds for a
+    descheduled thread, which a median over calls ignores while an average
+    over a loop would not.
 
     Args:
         fns: dict name -> zero-argument callable that blocks until done.
-        repeats: samples per function.
+        repeats: rounds.
         warmup: untimed calls per function first (compilation, caches).
-        min_sample_s: the shortest timed loop.
+        min_sample_s: the least time per function and round.
 
     Returns:
         dict name -> list of seconds per call.
@@ -175,22 +189,27 @@ def time_interleaved(fns, repeats, warmup=2, min_sample_s=0.02):
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        start = time.perf_counter()
-        fn()
-        single = max(time.perf_counter() - start, 1e-7)
-        loops[name] = max(1, int(min_sample_s / single))
+        single = _seconds(fn)
+        if single < min_sample_s:
+            # The best of several calls: one preempted call must not cut
+            # the number of calls per round.
+            single = min(single, *(_seconds(fn) for _ in range(5)))
+        loops[name] = max(1, int(min_sample_s / max(single, 1e-7)))
     samples = {name: [] for name in fns}
     order = list(fns)
     rng = random.Random(0)
     for _ in range(repeats):
         rng.shuffle(order)
         for name in order:
-            fn, n = fns[name], loops[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
+            fn = fns[name]
+            samples[name] += [_seconds(fn) for _ in range(loops[name])]
     return samples
+
+
+def _seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def summary(samples):

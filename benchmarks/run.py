@@ -29,6 +29,7 @@ MODULES = [
     "bench_kl",
     "bench_rdrop",
     "bench_distiller",
+    "bench_advanced",
 ]
 BACKENDS = ["tensorflow", "torch", "jax"]
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -129,9 +130,12 @@ def header(argv, load_before):
         for p in common.PACKAGES
         if common.version(p) is not None
     )
-    command = "python -m benchmarks.run" + (
-        " " + shlex.join(argv) if argv else ""
-    )
+    settings = [
+        f"{key}={shlex.quote(os.environ[key])}"
+        for key in common.SETTINGS
+        if key in os.environ
+    ]
+    command = " ".join(settings + ["python -m benchmarks.run", *argv])
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     return f"""\
 # keras-kd benchmarks
