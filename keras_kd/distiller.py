@@ -13,11 +13,12 @@ from keras_kd._distiller_utils import (
     validate_distillation_loss,
     validate_model,
 )
+from keras_kd._frozen_teacher import FrozenTeacher
 from keras_kd.api import export
 
 
 @export
-class Distiller(keras.Model):
+class Distiller(FrozenTeacher, keras.Model):
     """A student model trained to match a frozen teacher, with `fit`.
 
     The Distiller is a `keras.Model` whose forward pass is the student's:
@@ -266,61 +267,10 @@ class Distiller(keras.Model):
         return total
 
     @property
-    def losses(self):
-        """Regularization losses of everything but the teacher."""
-        losses = super().losses
-        teacher = getattr(self, "teacher", None)
-        if teacher is None:
-            return losses
-        teacher_losses = {
-            id(loss)
-            for layer in teacher._flatten_layers()
-            for loss in layer._get_own_losses()
-        }
-        if not teacher_losses:
-            return losses
-        return [loss for loss in losses if id(loss) not in teacher_losses]
-
-    @property
     def distillation_loss(self):
         """The compiled distillation loss, its temperature bound to
         `self.temperature` when it has one (`None` before `compile`)."""
         return self._distillation_loss
-
-    # ---------------------------------------------------- frozen teacher
-
-    def _trained_layers(self):
-        teacher = getattr(self, "teacher", None)
-        return [layer for layer in self.layers if layer is not teacher]
-
-    @property
-    def trainable_weights(self):
-        if not self.trainable:
-            return []
-        seen = set()
-        weights = []
-        candidates = [v for v in self._trainable_variables if v.trainable]
-        for layer in self._trained_layers():
-            candidates.extend(layer.trainable_weights)
-        for v in candidates:
-            if id(v) not in seen:
-                seen.add(id(v))
-                weights.append(v)
-        return weights
-
-    @property
-    def trainable_variables(self):
-        return self.trainable_weights
-
-    @property
-    def non_trainable_weights(self):
-        trainable = {id(v) for v in self.trainable_weights}
-        return [v for v in self.weights if id(v) not in trainable]
-
-    @property
-    def non_trainable_variables(self):
-        trainable = {id(v) for v in self.trainable_weights}
-        return [v for v in self.variables if id(v) not in trainable]
 
     # ------------------------------------------------------------ metrics
 
