@@ -141,6 +141,16 @@ class RDrop(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
+        """Runs `model`: on the doubled batch when `training` is true.
+
+        Args:
+            inputs: the batch, any structure of tensors `[batch, ...]`.
+            training: whether this is a training step.
+
+        Returns:
+            The outputs of `model`: `[2 * batch, ...]`, pairs of rows from
+            the same example, when training; `[batch, ...]` otherwise.
+        """
         # Where the doubled batch is made decides what Keras calls y_pred:
         # the trainers pass the output of this call, unchanged, to both
         # `compute_loss` and `compute_metrics`, so one model invocation
@@ -158,24 +168,36 @@ class RDrop(keras.Model):
         sample_weight=None,
         training=True,
     ):
+        """The compiled loss of both copies plus `alpha / 4` times the mean
+        pair divergence (training), or the plain compiled loss (evaluation).
+
+        Without targets (`y is None`) or without a compiled loss, only the
+        divergence (and any `add_loss` terms) is left.
+        """
+        supervised = y is not None and self.loss is not None
         if not (training and self._paired):
-            return super().compute_loss(
-                x, y, y_pred, sample_weight, training=training
-            )
+            if supervised:
+                return super().compute_loss(
+                    x, y, y_pred, sample_weight, training=training
+                )
+            return self._added_losses()
         divergence = self._pair_divergence(y_pred, sample_weight)
         self.divergence_tracker.update_state(divergence)
         total = (self.alpha / 4.0) * divergence
-        if y is not None and self.loss is not None:
-            total = total + super().compute_loss(
+        if supervised:
+            return total + super().compute_loss(
                 x,
                 _repeat_pairs(y),
                 y_pred,
                 _repeat_pairs(sample_weight),
                 training=training,
             )
-        else:
-            for extra in self.losses:
-                total = total + ops.cast(ops.sum(extra), total.dtype)
+        return total + ops.cast(self._added_losses(), total.dtype)
+
+    def _added_losses(self):
+        total = ops.zeros((), dtype="float32")
+        for extra in self.losses:
+            total = total + ops.cast(ops.sum(extra), "float32")
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):

@@ -244,6 +244,8 @@ def test_divergence_only_mode_for_unlabeled_data():
         alpha / 4 * np.array(history["rdrop_divergence"]),
         rtol=1e-6,
     )
+    logs = rdrop.evaluate(x, batch_size=8, verbose=0, return_dict=True)
+    assert logs["loss"] == 0.0  # one pass: nothing to compare
     # With no compiled loss the divergence cannot be inferred.
     guessing = keras_kd.RDrop(classifier(), alpha=1.0)
     guessing.compile(optimizer="sgd")
