@@ -111,3 +111,18 @@ def test_clipped_peer_gives_no_gradient_where_ours_does():
     assert np.abs(peer_grad).max() < 1e-6
     _, grad = backend_grad(kd.kl_divergence, t, s)
     np.testing.assert_allclose(grad, [[-1.0, 0.0, 1.0]], atol=1e-6)
+
+
+def test_gp_gradient_exact_at_zero_and_equal_logits():
+    # Kinks of abs/min in an earlier formula gave wrong gradients exactly at
+    # s == 0 and s == t (zero-initialised heads hit both).
+    s = f32([[0.0, 0.0, 1.5, -2.0, 0.0, 7.0, -40.0]])
+    t = f32([[0.5, -3.0, 1.5, 3.0, 0.0, -7.0, 20.0]])
+    grad_t, grad_s = backend_grad(kd.global_pointer_kl_divergence, t, s)
+    s64, t64 = s.astype(np.float64), t.astype(np.float64)
+    sig_s, sig_t = 1 / (1 + np.exp(-s64)), 1 / (1 + np.exp(-t64))
+    # d/ds (sig(s) - sig(t)) (s - t) = sig(s)(1 - sig(s))(s - t) + gap
+    expected_s = sig_s * (1 - sig_s) * (s64 - t64) + (sig_s - sig_t)
+    expected_t = -sig_t * (1 - sig_t) * (s64 - t64) - (sig_s - sig_t)
+    np.testing.assert_allclose(grad_s, expected_s, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grad_t, expected_t, rtol=1e-5, atol=1e-7)

@@ -26,18 +26,19 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     d = T**2 * (sigmoid(s / T) - sigmoid(t / T)) * (s - t) / T
     ```
 
-    Computed without cancellation or overflow. With `u >= v` the larger and
-    smaller of `|s|, |t|` and `d = |s - t|` (each divided by `T`):
+    Computed without cancellation or overflow through the identity
 
     ```
-    sigmoid(s) - sigmoid(t) = -expm1(-d) * exp(-w) / ((1 + e^-u) (1 + e^-v))
+    sigmoid(s) - sigmoid(t) = sigmoid(s) * sigmoid(-t) * -expm1(t - s)
     ```
 
-    where `w = v` if `s` and `t` have the same sign and `w = 0` otherwise.
-    Every exponential lies in `[0, 1]` and no large logits are added or
-    subtracted, so values and gradients stay finite and accurate for logits
-    of any size, including the `-1e12` GlobalPointer uses for masked spans.
-    Entries that are `-inf` in either input are masked: they contribute 0.
+    used for `s >= t` (and with `s` and `t` swapped otherwise), so that
+    `expm1` only sees non-positive arguments. Every factor lies in `[-1, 1]`,
+    nothing large is added or subtracted, and both branches are exact
+    identities of one smooth function, so the gradient is right everywhere,
+    the switch `s == t` and `s == 0` included, for logits of any size
+    (also the `-1e12` GlobalPointer uses for masked spans). Entries that are
+    `-inf` in either input are masked: they contribute 0.
 
     Args:
         y_true: logits `t`.
@@ -52,13 +53,16 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     masked = ops.logical_or(s == -math.inf, t == -math.inf)
     s = ops.where(masked, 0.0, s)
     t = ops.where(masked, 0.0, t)
-    d = _scale(ops.abs(s - t), temperature)
-    u = _scale(ops.maximum(ops.abs(s), ops.abs(t)), temperature)
-    v = _scale(ops.minimum(ops.abs(s), ops.abs(t)), temperature)
-    w = ops.where(ops.equal(s > 0, t > 0), v, 0.0)
-    normalizer = (1.0 + ops.exp(-u)) * (1.0 + ops.exp(-v))
-    gap = -ops.expm1(-d) * ops.exp(-w) / normalizer
-    value = ops.where(masked, 0.0, d * gap)
+    s, t = _scale(s, temperature), _scale(t, temperature)
+    ahead = s >= t
+    # The unused branch gets 0 instead of a positive argument, whose expm1
+    # could overflow and turn its zero gradient into NaN.
+    shrink_ahead = -ops.expm1(ops.where(ahead, t - s, 0.0))
+    shrink_behind = -ops.expm1(ops.where(ahead, 0.0, s - t))
+    gap_ahead = ops.sigmoid(s) * ops.sigmoid(-t) * shrink_ahead
+    gap_behind = ops.sigmoid(t) * ops.sigmoid(-s) * shrink_behind
+    gap = ops.where(ahead, gap_ahead, -gap_behind)
+    value = ops.where(masked, 0.0, gap * (s - t))
     return _times_t_squared(value, temperature)
 
 
