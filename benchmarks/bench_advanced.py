@@ -8,15 +8,17 @@ its step should cost what a plain student training step costs.
 
 What is timed, on the backend named by `KERAS_BACKEND`: one sample is one
 `fit` epoch of `N` batches (`shuffle=False`, `verbose=0`) divided by `N`,
-the way training runs, data pipeline included (for the teacher: `predict`
-over the same batches); implementations are interleaved in shuffled order
-(see `benchmarks.common`) and the tables give medians (interquartile
-range) in ms per step; ratios divide medians of the same run.
+the way training runs, data pipeline included; implementations are
+interleaved in shuffled order (see `benchmarks.common`) and the tables give
+medians (interquartile range) in ms per step; ratios divide medians of the
+same run.
 
 Feature distillation, per model:
 
 - `student`: the plain student (hard-label loss);
-- `teacher`: the teacher's inference (`predict`);
+- `teacher`: the teacher's inference, the compiled forward pass alone
+  (as in `benchmarks.bench_distiller`), on the same batches already in
+  memory as tensors;
 - `keras_kd Distiller`: logits distillation only (no features);
 - `keras_kd FeatureDistiller`: logits + one feature pair;
 - `keras Distiller`: Keras' own `keras.distillation.Distiller` with
@@ -217,6 +219,41 @@ def batch_norm_updates(models, x, y):
     return counts
 
 
+def teacher_inference(teacher):
+    """The teacher's forward pass in inference mode, compiled the way the
+    distillers' train functions are on this backend (`jax.jit` of
+    `stateless_call`, a `tf.function`, eager torch under `no_grad`)."""
+    import keras
+
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        @jax.jit
+        def forward(trainable, frozen, x):
+            return teacher.stateless_call(trainable, frozen, x)[0]
+
+        def run_jax(x):
+            # The current values: fit replaces (and frees) the old arrays.
+            trainable = [v.value for v in teacher.trainable_variables]
+            frozen = [v.value for v in teacher.non_trainable_variables]
+            return common.block(forward(trainable, frozen, x))
+
+        return run_jax
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(lambda x: teacher(x, training=False))
+        return lambda x: forward(x).numpy()
+    import torch
+
+    def run_torch(x):
+        with torch.no_grad():
+            return common.block(teacher(x, training=False))
+
+    return run_torch
+
+
 def _epoch(model, x, y, batch):
     def run():
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
@@ -251,6 +288,8 @@ def time_epochs(runs, repeats, steps, warmup=2):
 
 
 def measure_features(case, repeats):
+    from keras import ops
+
     make_teacher, make_student, loss_name, shape, classes, batch, n = case
     models = _feature_models(make_teacher, make_student, loss_name)
     x, y = _data(shape, classes, batch)
@@ -261,8 +300,11 @@ def measure_features(case, repeats):
         for key, model in models.items()
         if key != "teacher"
     }
-    teacher = models["teacher"]
-    runs["teacher"] = lambda: teacher.predict(x, batch_size=batch, verbose=0)
+    infer = teacher_inference(models["teacher"])
+    batches = [
+        ops.convert_to_tensor(x[i : i + batch]) for i in range(0, len(x), batch)
+    ]
+    runs["teacher"] = lambda: [infer(b) for b in batches]
     return time_epochs(runs, repeats, n), bn
 
 
@@ -351,10 +393,13 @@ def offline_table(results, top_k):
         "offline / student",
         f"top-{top_k} / student",
         "online / student",
+        "offline - student, ms",
     ]
     rows = []
     for name, batch, timings in results:
         wall = timings[0]
+        extra = common.summary(wall["offline"])[0]
+        extra -= common.summary(wall["student"])[0]
         rows.append(
             [
                 f"{name} ({batch})",
@@ -365,6 +410,7 @@ def offline_table(results, top_k):
                 _ratio(timings, ("offline",), ("student",), bold=True),
                 _ratio(timings, ("top_k",), ("student",)),
                 _ratio(timings, ("online",), ("student",)),
+                common.fmt(extra * 1e3),
             ]
         )
     return common.markdown_table(header, rows)

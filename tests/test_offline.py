@@ -57,6 +57,29 @@ def test_offline_loss_equals_online_loss():
         np.testing.assert_allclose(exact[key], online[key], rtol=1e-6)
 
 
+def test_offline_training_follows_the_online_trajectory():
+    teacher, student = pair()
+    x, y = data(32)
+    copy = _student_copy(student)
+    start = student.get_weights()
+    online = keras_kd.Distiller(student, teacher)
+    offline = keras_kd.OfflineDistiller(copy)
+    packed = {"inputs": x, **keras_kd.cache_teacher_outputs(teacher, x)}
+    for distiller, inputs in ((online, x), (offline, packed)):
+        distiller.compile(
+            keras.optimizers.SGD(0.5),
+            loss=sparse_ce(),
+            distillation_loss=losses.KLDivergence(temperature=2.0),
+            alpha=0.5,
+        )
+        distiller.fit(
+            inputs, y, batch_size=8, epochs=2, shuffle=False, verbose=0
+        )
+    assert np.abs(student.get_weights()[0] - start[0]).max() > 1e-2
+    for u, v in zip(student.get_weights(), copy.get_weights()):
+        np.testing.assert_allclose(v, u, atol=1e-5)
+
+
 def test_no_teacher_weights_and_plain_predict():
     teacher, student = pair()
     x, y = data(16)
