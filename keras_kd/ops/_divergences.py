@@ -11,6 +11,7 @@ from keras_kd.ops._core import (
     _plogp_ratio,
     _plogq,
     _times_t_squared,
+    finite_log_probabilities,
     log_probabilities,
     validate_beta,
     validate_temperature,
@@ -59,9 +60,10 @@ def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
     """
     temperature = validate_temperature(temperature)
     y_true, y_pred = _pair(y_true, y_pred)
-    log_p = log_probabilities(y_true, from_logits, temperature, axis)
-    log_q = log_probabilities(y_pred, from_logits, temperature, axis)
-    value = ops.sum(_plogp_ratio(log_p, log_q), axis=axis)
+    log_p = finite_log_probabilities(y_true, from_logits, temperature, axis)
+    log_q = finite_log_probabilities(y_pred, from_logits, temperature, axis)
+    # Finite logs: where p == 0, exp(log_p) is exactly 0 and so is the term.
+    value = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
     return _times_t_squared(value, temperature)
 
 
