@@ -102,11 +102,14 @@ def fragment_heading(title):
     package = {"tensorflow": "tensorflow-cpu"}.get(name, name)
     backend_version = version(package) or version(name)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    settings = "".join(
+        f", {key}={os.environ[key]}" for key in SETTINGS if key in os.environ
+    )
     return (
         f"### {title}: {name} backend\n\n"
         f"{name} {backend_version}, keras {version('keras')}, keras-kd "
-        f"{source_revision()}; {device_description()}; measured {stamp}, "
-        f"load average at the end {os.getloadavg()[0]:.2f}.\n"
+        f"{source_revision()}; {device_description()}{settings}; measured "
+        f"{stamp}, load average at the end {os.getloadavg()[0]:.2f}.\n"
     )
 
 
