@@ -180,10 +180,34 @@ def _gpu():
     return names.replace("\n", ", ") or "none"
 
 
+def contents(fragments):
+    """Links to the headings: a benchmark's `##` section, if it has one,
+    with its `###` per-backend sections under it."""
+    lines = ["Contents:", ""]
+    nested, last = False, None
+    for path, text in fragments:
+        name = _benchmark_name(path.stem)
+        if name != last:
+            nested, last = False, name
+        for line in text.splitlines():
+            match = re.match(r"(##|###) (.+)", line)
+            if not match:
+                continue
+            nested = nested or match.group(1) == "##"
+            indent = "  " if nested and match.group(1) == "###" else ""
+            title = match.group(2).strip()
+            anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+            lines.append(f"{indent}- [{title}](#{anchor})")
+    return "\n".join(lines) + "\n"
+
+
 def assemble(args, argv, load_before):
-    parts = [header(argv, load_before)]
-    for path in fragment_order(args.results_dir):
-        parts.append(path.read_text().rstrip() + "\n")
+    fragments = [
+        (path, path.read_text().rstrip() + "\n")
+        for path in fragment_order(args.results_dir)
+    ]
+    parts = [header(argv, load_before), contents(fragments)]
+    parts += [text for _, text in fragments]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(parts))
     print(f"wrote {args.output}")
