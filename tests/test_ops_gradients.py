@@ -126,3 +126,25 @@ def test_gp_gradient_exact_at_zero_and_equal_logits():
     expected_t = -sig_t * (1 - sig_t) * (s64 - t64) - (sig_s - sig_t)
     np.testing.assert_allclose(grad_s, expected_s, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(grad_t, expected_t, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_fully_masked_teacher_row_contributes_zero():
+    # The fast path makes such a row uniform to stay finite; it must still
+    # count as "no mass" (regression: it once gave 0.309).
+    t = f32([[NEG_INF, NEG_INF, NEG_INF], [1.0, 2.0, 3.0]])
+    s = f32([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    for temperature in (1.0, 2.0):
+        grads = backend_grad(
+            lambda a, b: kd.kl_divergence(a, b, temperature=temperature), t, s
+        )
+        assert all(np.all(np.isfinite(g)) for g in grads)
+        value = keras.ops.convert_to_numpy(
+            kd.kl_divergence(t, s, temperature=temperature)
+        )
+        np.testing.assert_allclose(value, [0.0, 0.0], atol=1e-7)
+    p = f32([[0.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    q = f32([[0.2, 0.3, 0.5], [0.2, 0.3, 0.5]])
+    value = keras.ops.convert_to_numpy(
+        kd.kl_divergence(p, q, from_logits=False)
+    )
+    np.testing.assert_allclose(value, [0.0, 0.0], atol=1e-7)

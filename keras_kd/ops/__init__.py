@@ -20,8 +20,9 @@ Conventions shared by all functions:
   clipped.
 - Entries equal to `-inf` (masked logits, or zero probabilities) carry no
   mass: they contribute exactly 0 and give finite gradients, and a row whose
-  entries are all `-inf` contributes 0. As in the math, a KL term is `+inf`
-  where the target has mass and the prediction has none.
+  entries are all `-inf` contributes 0. Where the target has mass and the
+  prediction has none the KL is infinite in the math; it comes out as `+inf`
+  or as a value near the float32 maximum (about 1e38).
 - `temperature` divides the logits and multiplies the divergence by
   `temperature**2` (Hinton et al., 2015), so gradient magnitudes do not
   shrink as the temperature grows.
