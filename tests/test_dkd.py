@@ -219,3 +219,23 @@ def test_divergences_as_distillation_loss(loss):
     np.testing.assert_allclose(
         logged["distillation_loss"][0], 4.0 * rows.mean(), rtol=1e-5
     )
+
+
+def test_saved_distiller_resumes_the_warmup_count(tmp_path):
+    teacher, student = pair()
+    x, y = data(16)
+    distiller = keras_kd.DKDDistiller(student, teacher)
+    distiller.compile(
+        "adam",
+        loss=sparse_ce(),
+        distillation_loss=losses.DecoupledKD(warmup_steps=10),
+    )
+    distiller.fit(x, y, batch_size=8, verbose=0)
+    path = tmp_path / "dkd.keras"
+    distiller.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is keras_kd.DKDDistiller
+    assert int(to_numpy(loaded.step)) == 2
+    assert loaded.distillation_loss.step is loaded.step
+    loaded.fit(x, y, batch_size=8, verbose=0)
+    assert int(to_numpy(loaded.step)) == 4
