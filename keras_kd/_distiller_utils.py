@@ -1,123 +1,52 @@
-"""Argument checks and backend glue shared by the Distiller family."""
+"""Small pieces the Distiller family shares: feeding each model its own
+inputs, gradient-free teacher calls, and tensor hygiene for losses."""
 
 import contextlib
-import math
 
 import keras
+import numpy as np
 from keras import ops
 
-try:
-    # Keras' monitoring callbacks (EarlyStopping, ReduceLROnPlateau, ...)
-    # infer `mode="auto"` only for metrics held in this container, so the
-    # loss-term trackers live in one; without it they need `mode="min"`.
-    from keras.src.trainers.compile_utils import MetricsList as _Container
-except ImportError:  # pragma: no cover - depends on the Keras version
-    _Container = keras.metrics.Metric
 
+def inputs_for(model, x):
+    """The part of the batch `x` that `model` takes.
 
-class LossTerms(_Container):
-    """The `student_loss` / `distillation_loss` trackers as one metric."""
-
-    def __init__(self, trackers, name="distillation_loss_terms"):
-        keras.metrics.Metric.__init__(self, name=name)
-        self.metrics = trackers
-        self.output_name = None
-
-    def update_state(self, *args, **kwargs):
-        raise NotImplementedError(
-            "The loss-term trackers are updated by `Distiller.compute_loss`."
-        )
-
-    def reset_state(self):
-        for metric in self.metrics:
-            metric.reset_state()
-
-    def result(self):
-        return {metric.name: metric.result() for metric in self.metrics}
-
-
-def validate_model(name, model):
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a `keras.Model`. "
-            f"Received: {name}={model!r} of type {type(model).__name__}"
-        )
-
-
-def validate_alpha(alpha):
-    """Returns `alpha` as a float, or raises a `ValueError`."""
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0)
-    ):
-        raise ValueError(
-            "Invalid value for argument `alpha`. Expected a number in "
-            f"[0, 1]. Received: alpha={alpha!r}"
-        )
-    return float(alpha)
-
-
-def validate_temperature(temperature):
-    """Returns `temperature` as a float, or raises a `ValueError`."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature > 0)
-    ):
-        raise ValueError(
-            "Invalid value for argument `temperature`. Expected a finite "
-            f"number > 0. Received: temperature={temperature!r}"
-        )
-    return float(temperature)
-
-
-def validate_distillation_loss(loss):
-    if not isinstance(loss, keras.losses.Loss):
-        raise ValueError(
-            "Invalid value for argument `distillation_loss`. Expected a "
-            "`keras.losses.Loss` instance, e.g. "
-            "`keras_kd.losses.KLDivergence(temperature=4.0)` (a function "
-            "`f(y_true, y_pred)` can be wrapped in "
-            "`keras.losses.LossFunctionWrapper(f)`). "
-            f"Received: distillation_loss={loss!r}"
-        )
-
-
-def _shapes(structure):
-    return keras.tree.map_structure(lambda t: tuple(t.shape), structure)
-
-
-def check_matching_outputs(teacher_outputs, student_outputs):
-    """Raises a `ValueError` unless the two output structures have the same
-    nesting and compatible shapes (`None` matches any size)."""
+    A dict batch is narrowed to the model's own inputs, picked by name: a
+    Functional model built on a dict of `keras.Input`s gets those keys, one
+    built on named inputs gets them in its order. Keras would otherwise map
+    a dict with extra keys onto the inputs by position, so a student
+    without `segment_ids` could receive them as its `token_ids`. Anything
+    else (arrays, lists, a subclassed model with no symbolic inputs) is
+    passed through.
+    """
+    if not isinstance(x, dict):
+        return x
     try:
-        keras.tree.assert_same_structure(teacher_outputs, student_outputs)
-        pairs = zip(
-            keras.tree.flatten(teacher_outputs),
-            keras.tree.flatten(student_outputs),
-        )
-        same = all(_compatible(t.shape, s.shape) for t, s in pairs)
-    except (ValueError, TypeError):
-        same = False
-    if not same:
+        spec = model.input
+    except (AttributeError, ValueError):
+        return x
+    if isinstance(spec, dict):
+        names = list(spec)
+    else:
+        names = [getattr(t, "name", None) for t in keras.tree.flatten(spec)]
+        if not all(name in x for name in names):
+            return x
+    missing = [name for name in names if name not in x]
+    if missing:
         raise ValueError(
-            "Invalid value for argument `teacher`. Expected teacher outputs "
-            "with the same structure and shape as the student's outputs "
-            f"{_shapes(student_outputs)}. Received: teacher output shape "
-            f"{_shapes(teacher_outputs)}"
+            "Invalid value for argument `x`. Expected a dict with the inputs "
+            f"of model {model.name!r}: {names}. Received: x with keys "
+            f"{sorted(x)} (missing {missing})"
         )
+    if isinstance(spec, dict):
+        return {name: x[name] for name in names}
+    if len(names) == 1 and not isinstance(spec, (list, tuple)):
+        return x[names[0]]
+    return [x[name] for name in names]
 
 
-def _compatible(a, b):
-    a, b = tuple(a), tuple(b)
-    return len(a) == len(b) and all(
-        x is None or y is None or x == y for x, y in zip(a, b)
-    )
-
-
-def inference_only():
-    """A context in which no autograd graph is recorded.
+def no_grad():
+    """A context in which PyTorch records no autograd graph.
 
     Only PyTorch records one eagerly for every operation on weights that
     require a gradient; the other backends differentiate only what the loss
@@ -128,6 +57,34 @@ def inference_only():
 
         return torch.no_grad()
     return contextlib.nullcontext()
+
+
+def frozen_call(model, x):
+    """`model` on its part of `x` in inference mode, behind stop_gradient."""
+    with no_grad():
+        outputs = model(inputs_for(model, x), training=False)
+    return keras.tree.map_structure(ops.stop_gradient, outputs)
+
+
+def own_copy(sample_weight):
+    """A copy of `sample_weight` for one loss call.
+
+    Keras' loss masking multiplies the sample weight in place on PyTorch,
+    so handing one tensor to several losses would weight the later ones by
+    the earlier ones' masks (and break autograd). Tensors of the other
+    backends are immutable and passed as they are.
+    """
+    if sample_weight is None or keras.backend.backend() != "torch":
+        return sample_weight
+    return keras.tree.map_structure(
+        lambda w: None if w is None else ops.copy(w), sample_weight
+    )
+
+
+def batch_size(x):
+    """The number of examples in the batch `x`, as a float32 scalar."""
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    return ops.cast(ops.shape(first)[0], "float32")
 
 
 def unscale_for_replicas(value):
@@ -141,3 +98,56 @@ def unscale_for_replicas(value):
     if replicas > 1:
         value = value * ops.cast(replicas, value.dtype)
     return value
+
+
+def labels_placeholder(rows):
+    """Zero-width stand-in labels `[rows, 0]`.
+
+    Keras drops `sample_weight` from `fit(x, sample_weight=w)` when `y` is
+    None; with this in place of `y` the weights reach `compute_loss`, which
+    reads a zero-width `y` as "no labels".
+    """
+    return np.zeros((rows, 0), "float32")
+
+
+def is_placeholder(y):
+    """Whether `y` is (a batch of) `labels_placeholder`."""
+    shape = getattr(y, "shape", None)
+    return shape is not None and len(shape) == 2 and shape[-1] == 0
+
+
+def shapes(structure):
+    return keras.tree.map_structure(
+        lambda t: tuple(getattr(t, "shape", ())), structure
+    )
+
+
+def check_pairs(teacher_outputs, student_outputs):
+    """Raises a `ValueError` unless teacher and student outputs have the
+    same nesting and compatible shapes (`None` matches any size)."""
+    try:
+        keras.tree.assert_same_structure(teacher_outputs, student_outputs)
+        same = all(
+            _compatible(t.shape, s.shape)
+            for t, s in zip(
+                keras.tree.flatten(teacher_outputs),
+                keras.tree.flatten(student_outputs),
+            )
+        )
+    except (ValueError, TypeError, AttributeError):
+        same = False
+    if not same:
+        raise ValueError(
+            "Invalid value for argument `teacher`. Expected teacher outputs "
+            "with the same structure and shape as the student's outputs "
+            f"{shapes(student_outputs)}. Received: teacher output shape "
+            f"{shapes(teacher_outputs)}. To distill only some outputs, "
+            "override `compute_distillation_loss`."
+        )
+
+
+def _compatible(a, b):
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b)
+    )

@@ -61,3 +61,4 @@ def forget_compiled_loss(model):
     R-Drop without labels) must not inherit it.
     """
     model._compile_loss = None
+    model.loss = None

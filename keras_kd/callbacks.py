@@ -16,7 +16,7 @@ import inspect
 import keras
 from keras import ops
 
-from keras_kd._distiller_utils import validate_alpha, validate_temperature
+from keras_kd import _checks
 
 
 def _takes_current_value(schedule):
@@ -114,7 +114,7 @@ class AlphaScheduler(_ScalarScheduler):
     _name = "alpha"
 
     def _validate(self, value):
-        return validate_alpha(value)
+        return _checks.fraction("alpha", value)
 
 
 class TemperatureScheduler(_ScalarScheduler):
@@ -141,7 +141,7 @@ class TemperatureScheduler(_ScalarScheduler):
     _name = "temperature"
 
     def _validate(self, value):
-        return validate_temperature(value)
+        return _checks.temperature(value)
 
     def on_train_begin(self, logs=None):
         variable = self._variable()

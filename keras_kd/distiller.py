@@ -1,24 +1,17 @@
-"""The `Distiller`: train a student against a frozen teacher with `fit`."""
+"""The `Distiller`: train a student against frozen teachers with `fit`."""
 
 import keras
 from keras import ops
 
+from keras_kd import _checks
+from keras_kd import _distiller_utils as utils
 from keras_kd import losses as kd_losses
-from keras_kd._distiller_utils import (
-    LossTerms,
-    check_matching_outputs,
-    inference_only,
-    unscale_for_replicas,
-    validate_alpha,
-    validate_distillation_loss,
-    validate_model,
-)
-from keras_kd._frozen_teacher import FrozenTeacher
+from keras_kd._keras_compat import LossTrackers, forget_compiled_loss
 from keras_kd.api import export
 
 
 @export
-class Distiller(FrozenTeacher, keras.Model):
+class Distiller(keras.Model):
     """A student model trained to match a frozen teacher, with `fit`.
 
     The Distiller is a `keras.Model` whose forward pass is the student's:
@@ -33,51 +26,51 @@ class Distiller(FrozenTeacher, keras.Model):
     ```
 
     plus the student's regularization losses. With `loss=None` in `compile`
-    the first term is dropped and `loss = distillation_loss` (pure
-    distillation, no labels needed). `sample_weight` and Keras masks on the
-    student's output weight both terms.
+    (or no labels in the data) the first term is dropped and
+    `loss = distillation_loss` (pure distillation). `sample_weight` and
+    Keras masks on the student's output weight both terms; without labels,
+    `fit(x, sample_weight=w)` weights the distillation term.
 
     Per step the student runs once (Keras' own forward pass; `compute_loss`
-    reuses its `y_pred`) and the teacher once, with `training=False`, its
-    outputs behind `ops.stop_gradient` (and, on PyTorch, under
-    `torch.no_grad()` so that no autograd graph is recorded for it).
+    reuses its `y_pred`) and the teacher once, in inference mode, behind
+    `ops.stop_gradient` (and, on PyTorch, under `torch.no_grad()`).
+    With dict inputs each model receives its own inputs, picked by name.
 
-    The teacher is frozen without being modified: the Distiller leaves the
-    teacher's weights out of its own `trainable_weights` (they are listed in
-    `non_trainable_weights`), so the optimizer never sees them, and always
-    calls the teacher in inference mode, so its BatchNormalization statistics
-    and dropout stay fixed. The caller's teacher object, including its
-    `trainable` flag, is left as it was. Teacher and student must not share
-    layers. The teacher's own regularization losses are constants of frozen
-    weights and are left out of the total.
+    The teacher is never trained and never modified: its weights are left
+    out of the Distiller's `trainable_weights` (they are listed in
+    `non_trainable_weights`), it always runs with `training=False`, so its
+    BatchNormalization statistics and dropout stay fixed, and its
+    `trainable` flags are left as they are. A variable shared by teacher
+    and student (a shared embedding, say) is an error at construction. The
+    teacher's own regularization losses are constants and left out.
 
     `alpha` and the distillation temperature are scalar `keras.Variable`s
-    owned by the Distiller (`distiller.alpha`, `distiller.temperature`), so a
-    callback (`keras_kd.callbacks.AlphaScheduler`,
-    `keras_kd.callbacks.TemperatureScheduler`) can change them between
-    epochs inside compiled train functions on every backend. They are saved
-    with the weights.
+    owned by the Distiller (`distiller.alpha`, `distiller.temperature`), so
+    callbacks (`keras_kd.callbacks.AlphaScheduler`, `TemperatureScheduler`)
+    can change them between epochs inside compiled train functions. They
+    are saved with the weights.
 
-    History and logs carry `loss`, `student_loss` (only when `loss` is
-    given), `distillation_loss` and every compiled metric, with `val_`
-    variants.
+    History and logs carry `loss`, `student_loss` (when `loss` is given),
+    `distillation_loss` and every compiled metric, with `val_` variants.
 
     Extension points (override in a subclass):
 
-    - `call(inputs, training)`: the student's forward pass on the part of
-      `x` the student takes.
-    - `teacher_predictions(x)`: the teacher's outputs for the batch `x`;
-      replace it to read cached (offline) teacher outputs from `x`, or to
-      combine several teachers.
+    - `student_inputs(x)`: the part of the batch the student takes.
+    - `teacher_predictions(x)`: the teacher signal for the batch `x`. The
+      base runs `teacher`; a subclass may read cached outputs from `x`
+      (`OfflineDistiller`) or combine several teachers
+      (`MultiTeacherDistiller`). A subclass that overrides it may be built
+      with `teacher=None`.
     - `compute_distillation_loss(x, y, y_pred, teacher_pred, sample_weight)`:
-      the distillation term as a scalar.
+      the distillation term as a scalar (override it to distill only some
+      of the student's outputs).
     - `compute_student_loss(x, y, y_pred, sample_weight)`: the hard-label
       term, or `None`.
 
     Args:
         student: the `keras.Model` to train.
         teacher: a built `keras.Model` whose outputs have the same structure
-            and shapes as the student's.
+            and shapes as the student's (checked on the first batch).
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -100,42 +93,72 @@ class Distiller(FrozenTeacher, keras.Model):
         2015. https://arxiv.org/abs/1503.02531
     """
 
-    def __init__(self, student, teacher, **kwargs):
+    def __init__(self, student, teacher=None, **kwargs):
         super().__init__(**kwargs)
-        validate_model("student", student)
-        validate_model("teacher", teacher)
-        if student is teacher:
-            raise ValueError(
-                "Invalid value for argument `teacher`. Expected a model "
-                "other than the student. Received: the student itself"
-            )
-        if not teacher.built:
-            raise ValueError(
-                "Invalid value for argument `teacher`. Expected a built "
-                "model (a trained teacher, or one given an `Input`). "
-                f"Received: an unbuilt teacher={teacher.name}"
-            )
-        if getattr(student, "outputs", None) and teacher.outputs:
-            check_matching_outputs(teacher.outputs, student.outputs)
-        self.student = student
-        self.teacher = teacher
-        self.alpha = self._scalar_weight("alpha", 0.1)
-        self.temperature = self._scalar_weight("temperature", 1.0)
-        self._student_loss_tracker = keras.metrics.Mean(name="student_loss")
-        self._distillation_loss_tracker = keras.metrics.Mean(
+        self.student = _checks.model("student", student)
+        if teacher is not None:
+            self._add_teachers("teacher", [teacher])
+            self.teacher = teacher
+        elif self._uses_base_teacher():
+            raise _checks.invalid("teacher", "a built `keras.Model`", teacher)
+        self.alpha = self._scalar_variable("alpha", 0.1)
+        self.temperature = self._scalar_variable("temperature", 1.0)
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        self.distillation_loss_tracker = keras.metrics.Mean(
             name="distillation_loss"
         )
-        self._distillation_loss_tracker._direction = "down"
-        self._student_loss_tracker._direction = "down"
-        self._both_terms = LossTerms(
-            [self._student_loss_tracker, self._distillation_loss_tracker]
+        self._both_terms = LossTrackers(
+            [self.student_loss_tracker, self.distillation_loss_tracker],
+            name="distiller_loss_terms",
         )
-        self._distillation_term = LossTerms([self._distillation_loss_tracker])
+        self._distillation_term = LossTrackers(
+            [self.distillation_loss_tracker], name="distillation_loss_term"
+        )
         self._distillation_loss = None
         if student.built:
             self.built = True
 
-    def _scalar_weight(self, name, value):
+    def _uses_base_teacher(self):
+        return (
+            type(self).teacher_predictions is Distiller.teacher_predictions
+        )
+
+    def _add_teachers(self, name, teachers):
+        """Checks `teachers` (built, distinct, sharing no variable with the
+        student) and records them as the frozen models."""
+        frozen = list(getattr(self, "_frozen_models", []))
+        student_vars = {id(v): v for v in self.student.variables}
+        for i, teacher in enumerate(teachers):
+            label = name if len(teachers) == 1 else f"{name}[{i}]"
+            _checks.model(label, teacher)
+            if teacher is self.student or any(teacher is f for f in frozen):
+                raise _checks.invalid(
+                    label, "a model other than the student and the other "
+                    "teachers", teacher.name,
+                )
+            if not teacher.built:
+                raise _checks.invalid(
+                    label, "a built model (a trained teacher, or one given "
+                    "an `Input`)", teacher.name,
+                )
+            shared = [
+                student_vars[id(v)].path
+                for v in teacher.variables
+                if id(v) in student_vars
+            ]
+            if shared:
+                raise ValueError(
+                    f"Invalid value for argument `{label}`. Expected a "
+                    "teacher that shares no variable with the student (fit "
+                    "would train the teacher through the student). "
+                    f"Received: {label}={teacher.name} sharing {shared}"
+                )
+            frozen.append(teacher)
+        # A plain list is not tracked by Keras: the models are tracked
+        # through their own attributes (`teacher`, `teachers`).
+        object.__setattr__(self, "_frozen_models", frozen)
+
+    def _scalar_variable(self, name, value):
         return self.add_weight(
             shape=(),
             initializer=keras.initializers.Constant(value),
@@ -145,20 +168,66 @@ class Distiller(FrozenTeacher, keras.Model):
             name=name,
         )
 
+    # ------------------------------------------------------ frozen models
+
+    def _frozen_ids(self):
+        return {
+            id(v)
+            for model in getattr(self, "_frozen_models", [])
+            for v in model.variables
+        }
+
+    @property
+    def trainable_weights(self):
+        frozen = self._frozen_ids()
+        return [v for v in super().trainable_weights if id(v) not in frozen]
+
+    @property
+    def trainable_variables(self):
+        return self.trainable_weights
+
+    @property
+    def non_trainable_weights(self):
+        trainable = {id(v) for v in self.trainable_weights}
+        return [v for v in self.weights if id(v) not in trainable]
+
+    @property
+    def non_trainable_variables(self):
+        trainable = {id(v) for v in self.trainable_weights}
+        return [v for v in self.variables if id(v) not in trainable]
+
+    @property
+    def losses(self):
+        """Keras' losses of the Distiller without the teachers' own.
+
+        The teachers' weights are not trainable here, so their weight
+        regularization is already left out; what remains of theirs are
+        activity losses added by their calls, constants of frozen models.
+        """
+        losses = super().losses
+        frozen = getattr(self, "_frozen_models", [])
+        if not losses or not frozen:
+            return losses
+        teacher_losses = {id(v) for model in frozen for v in model.losses}
+        return [v for v in losses if id(v) not in teacher_losses]
+
     # ------------------------------------------------------------ forward
+
+    def student_inputs(self, x):
+        """The part of the batch `x` the student takes (its own inputs,
+        picked by name from a dict batch)."""
+        return utils.inputs_for(self.student, x)
 
     def call(self, inputs, training=None):
         """Runs the student: `predict` returns the student's outputs."""
-        return self.student(inputs, training=training)
+        return self.student(self.student_inputs(inputs), training=training)
 
     def teacher_predictions(self, x):
-        """Returns the teacher's outputs for the batch `x`, gradient-free.
+        """The teacher's outputs for the batch `x`, gradient-free.
 
-        The teacher runs in inference mode (`training=False`), so dropout is
-        off and BatchNormalization uses and keeps its moving statistics.
-        Override to supply teacher outputs another way (cached in `x`, or
-        from several teachers); the result must be something
-        `compute_distillation_loss` accepts.
+        The teacher runs in inference mode (`training=False`) on its own
+        inputs, so dropout is off and BatchNormalization keeps its moving
+        statistics.
 
         Args:
             x: the input batch, as given to `fit`.
@@ -166,14 +235,13 @@ class Distiller(FrozenTeacher, keras.Model):
         Returns:
             The teacher's outputs, behind `ops.stop_gradient`.
         """
-        with inference_only():
-            outputs = self.teacher(x, training=False)
-        return keras.tree.map_structure(ops.stop_gradient, outputs)
+        return utils.frozen_call(self.teacher, x)
 
     # --------------------------------------------------------------- loss
 
     def compute_student_loss(self, x, y, y_pred, sample_weight=None):
-        """The hard-label loss of the student, or `None` without `loss`.
+        """The hard-label loss of the student, or `None` without `loss` in
+        `compile` or without labels.
 
         Args:
             x: the input batch.
@@ -182,12 +250,17 @@ class Distiller(FrozenTeacher, keras.Model):
             sample_weight: optional sample weights.
 
         Returns:
-            A scalar, or `None` when `compile` was given no `loss`.
+            A scalar, or `None`.
         """
-        del x
-        if self._compile_loss is None:
+        if self.loss is None or y is None:
             return None
-        return self._compile_loss(y, y_pred, sample_weight)
+        # Keras' own compute_loss adds the regularization losses, which the
+        # total adds once, unweighted by alpha.
+        total = super().compute_loss(x, y, y_pred, sample_weight)
+        regularization = self._regularization()
+        if regularization is None:
+            return total
+        return total - ops.cast(regularization, total.dtype)
 
     def compute_distillation_loss(
         self, x, y, y_pred, teacher_pred, sample_weight=None
@@ -210,30 +283,28 @@ class Distiller(FrozenTeacher, keras.Model):
             A scalar.
         """
         del x, y
-        check_matching_outputs(teacher_pred, y_pred)
+        utils.check_pairs(teacher_pred, y_pred)
         teachers = keras.tree.flatten(teacher_pred)
         students = keras.tree.flatten(y_pred)
         if isinstance(sample_weight, (list, tuple, dict)):
             weights = keras.tree.flatten(sample_weight)
         else:
             weights = [sample_weight] * len(students)
-        values = [
-            self._distillation_loss(t, s, sample_weight=w)
-            for t, s, w in zip(teachers, students, weights)
-        ]
-        total = values[0]
-        for value in values[1:]:
-            total = total + value
+        total = None
+        for t, s, w in zip(teachers, students, weights):
+            value = self._distillation_loss(t, s, sample_weight=utils.own_copy(w))
+            total = value if total is None else total + value
         return total
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        """`alpha * student_loss + (1 - alpha) * distillation_loss`.
+        """`alpha * student_loss + (1 - alpha) * distillation_loss`, plus
+        the student's regularization losses.
 
         Keras calls this with the `y_pred` of its own forward pass, so the
-        student runs once per step. The two terms are tracked as
-        `student_loss` and `distillation_loss`; the total is Keras' `loss`.
+        student runs once per step. The two terms are tracked (weighted by
+        batch size) as `student_loss` and `distillation_loss`.
         """
         if self._distillation_loss is None:
             raise ValueError(
@@ -241,30 +312,49 @@ class Distiller(FrozenTeacher, keras.Model):
                 "`distiller.compile(optimizer, loss, distillation_loss, "
                 "alpha)`."
             )
+        if utils.is_placeholder(y):
+            y = None
         teacher_pred = self.teacher_predictions(x)
         distillation = self.compute_distillation_loss(
-            x, y, y_pred, teacher_pred, sample_weight
+            x, y, y_pred, teacher_pred, utils.own_copy(sample_weight)
         )
-        student = self.compute_student_loss(x, y, y_pred, sample_weight)
+        student = self.compute_student_loss(
+            x, y, y_pred, utils.own_copy(sample_weight)
+        )
         if student is None:
             total = distillation
         else:
             student = ops.cast(student, distillation.dtype)
             alpha = ops.cast(self.alpha, distillation.dtype)
             total = alpha * student + (1.0 - alpha) * distillation
-        for extra in self.losses:
-            total = total + ops.cast(ops.sum(extra), total.dtype)
-        batch_size = ops.shape(
-            next(t for t in keras.tree.flatten(x) if t is not None)
-        )[0]
+        regularization = self._regularization()
+        if regularization is not None:
+            total = total + ops.cast(regularization, total.dtype)
+        rows = utils.batch_size(x)
         if student is not None:
-            self._student_loss_tracker.update_state(
-                unscale_for_replicas(student), sample_weight=batch_size
+            self.student_loss_tracker.update_state(
+                utils.unscale_for_replicas(student), sample_weight=rows
             )
-        self._distillation_loss_tracker.update_state(
-            unscale_for_replicas(distillation), sample_weight=batch_size
+        self.distillation_loss_tracker.update_state(
+            utils.unscale_for_replicas(distillation), sample_weight=rows
         )
         return total
+
+    def _regularization(self):
+        losses = self.losses
+        if not losses:
+            return None
+        return ops.sum(
+            ops.stack([ops.cast(ops.sum(v), "float32") for v in losses])
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if utils.is_placeholder(y):
+            y = None
+        if y is None:
+            # No labels: the compiled metrics have nothing to compare.
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     @property
     def distillation_loss(self):
@@ -279,19 +369,45 @@ class Distiller(FrozenTeacher, keras.Model):
         metrics = super().metrics
         if not self.compiled:
             return metrics
-        own = (
+        terms = (
             self._both_terms
-            if self._compile_loss is not None
+            if self.loss is not None
             else self._distillation_term
         )
-        skip = {
-            id(self._both_terms),
-            id(self._distillation_term),
-            id(self._student_loss_tracker),
-            id(self._distillation_loss_tracker),
-        }
+        own = [terms] + self._extra_terms()
+        skip = {id(self._both_terms), id(self._distillation_term)}
+        for container in [self._both_terms] + own:
+            skip.add(id(container))
+            skip.update(id(m) for m in container.metrics)
         rest = [m for m in metrics if id(m) not in skip]
-        return rest[:1] + [own] + rest[1:]
+        return rest[:1] + own + rest[1:]
+
+    def _extra_terms(self):
+        """Further `LossTrackers` of subclasses, logged after the terms."""
+        return []
+
+    # ------------------------------------------------------- fit with data
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        y, kwargs = self._weights_without_labels(x, y, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        y, kwargs = self._weights_without_labels(x, y, kwargs)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def _weights_without_labels(self, x, y, kwargs):
+        # Keras drops `sample_weight` when `y` is None; zero-width stand-in
+        # labels carry the weights through to `compute_loss`.
+        if y is None and kwargs.get("sample_weight") is not None:
+            y = utils.labels_placeholder(len(kwargs["sample_weight"]))
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (list, tuple)) and len(validation) == 3:
+            vx, vy, vw = validation
+            if vy is None and vw is not None:
+                vy = utils.labels_placeholder(len(vw))
+                kwargs = dict(kwargs, validation_data=(vx, vy, vw))
+        return y, kwargs
 
     # ------------------------------------------------------------ compile
 
@@ -324,38 +440,55 @@ class Distiller(FrozenTeacher, keras.Model):
             **kwargs: other `Model.compile` arguments (`weighted_metrics`,
                 `jit_compile`, `steps_per_execution`, `run_eagerly`, ...).
         """
-        alpha = validate_alpha(alpha)
+        alpha = _checks.fraction("alpha", alpha)
         if distillation_loss is None:
-            distillation_loss = kd_losses.KLDivergence()
-        validate_distillation_loss(distillation_loss)
-        # Keras keeps an earlier `loss` when recompiled with `loss=None`.
-        self._compile_loss = None
+            distillation_loss = self._default_distillation_loss()
+        if not isinstance(distillation_loss, keras.losses.Loss):
+            raise _checks.invalid(
+                "distillation_loss",
+                "a `keras.losses.Loss` instance, e.g. "
+                "`keras_kd.losses.KLDivergence(temperature=4.0)` (wrap a "
+                "function `f(y_true, y_pred)` in "
+                "`keras.losses.LossFunctionWrapper(f)`)",
+                distillation_loss,
+            )
+        if loss is None:
+            forget_compiled_loss(self)
         super().compile(
             optimizer=optimizer, loss=loss, metrics=metrics, **kwargs
         )
         self._distillation_loss = self._bind_temperature(distillation_loss)
+        self._given_distillation_loss = distillation_loss
         self.alpha.assign(alpha)
-        self._compile_config.config.update(
-            distillation_loss=distillation_loss, alpha=alpha
-        )
+
+    def _default_distillation_loss(self):
+        return kd_losses.KLDivergence()
 
     def _bind_temperature(self, loss):
-        if not (
-            isinstance(loss, kd_losses.DivergenceLoss)
-            and "temperature" in loss._fn_args
+        temperature = getattr(loss, "temperature", None)
+        if not isinstance(loss, kd_losses.DivergenceLoss) or (
+            temperature is None
         ):
             return loss
         bound = type(loss).from_config(loss.get_config())
-        self.temperature.assign(float(ops.convert_to_numpy(loss.temperature)))
+        value = _checks.temperature(temperature)
+        if isinstance(value, keras.Variable):
+            value = ops.convert_to_numpy(value)
+        self.temperature.assign(float(value))
         bound.temperature = self.temperature
         return bound
 
     def get_compile_config(self):
-        if self.compiled and hasattr(self, "_compile_config"):
-            return self._compile_config.serialize()
-        return {}
+        config = super().get_compile_config()
+        if config:
+            config["distillation_loss"] = keras.saving.serialize_keras_object(
+                self._given_distillation_loss
+            )
+            config["alpha"] = float(ops.convert_to_numpy(self.alpha))
+        return config
 
     def compile_from_config(self, config):
+        # Keras skips this for models that override `compile`.
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.optimizer is not None and self.built:
@@ -364,18 +497,20 @@ class Distiller(FrozenTeacher, keras.Model):
     # ------------------------------------------------------------- config
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "student": keras.saving.serialize_keras_object(self.student),
-            "teacher": keras.saving.serialize_keras_object(self.teacher),
-        }
+        config = {"name": self.name, "trainable": self.trainable}
+        config["student"] = keras.saving.serialize_keras_object(self.student)
+        if getattr(self, "teacher", None) is not None:
+            config["teacher"] = keras.saving.serialize_keras_object(
+                self.teacher
+            )
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         for key in ("student", "teacher"):
-            config[key] = keras.saving.deserialize_keras_object(
-                config[key], custom_objects=custom_objects
-            )
+            if key in config:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
         return cls(**config)

@@ -7,7 +7,8 @@ import keras
 from keras import ops
 
 from keras_kd import losses as kd_losses
-from keras_kd._distiller_utils import LossTerms, inference_only
+from keras_kd._distiller_utils import no_grad as inference_only
+from keras_kd._keras_compat import LossTrackers as LossTerms
 from keras_kd.api import export
 from keras_kd.distiller import Distiller
 

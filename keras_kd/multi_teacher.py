@@ -7,7 +7,12 @@ import keras
 from keras import ops
 
 from keras_kd import ops as kd_ops
-from keras_kd._distiller_utils import check_matching_outputs, validate_model
+from keras_kd._distiller_utils import check_pairs as check_matching_outputs
+from keras_kd._checks import model as _model
+
+
+def validate_model(name, model):
+    _model(name, model)
 from keras_kd.api import export
 from keras_kd.distiller import Distiller
 

@@ -8,7 +8,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_kd._distiller_utils import validate_model
+from keras_kd._checks import model as _model
+
+
+def validate_model(name, model):
+    _model(name, model)
 from keras_kd.api import export
 from keras_kd.distiller import Distiller
 
