@@ -352,7 +352,7 @@ def test_output_shape_mismatch_names_both_shapes():
     x, y = data(8)
     # Checked where the pairs are formed, so that a subclass may distill
     # only some outputs of a student with more heads than its teacher.
-    with pytest.raises(ValueError, match=r"\(8, 5\).*\(8, 4\)"):
+    with pytest.raises(ValueError, match=r"5\).*4\)"):
         distiller.fit(x, y, verbose=0)
 
 
