@@ -98,9 +98,9 @@ class Distiller(keras.Model):
         self.student = _checks.model("student", student)
         if teacher is not None:
             self._add_teachers("teacher", [teacher])
-            self.teacher = teacher
         elif self._uses_base_teacher():
             raise _checks.invalid("teacher", "a built `keras.Model`", teacher)
+        self.teacher = teacher
         self.alpha = self._scalar_variable("alpha", 0.1)
         self.temperature = self._scalar_variable("temperature", 1.0)
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
@@ -133,8 +133,10 @@ class Distiller(keras.Model):
             _checks.model(label, teacher)
             if teacher is self.student or any(teacher is f for f in frozen):
                 raise _checks.invalid(
-                    label, "a model other than the student and the other "
-                    "teachers", teacher.name,
+                    label,
+                    "a distinct model, neither the student nor another "
+                    "teacher (give a repeated teacher a larger weight)",
+                    teacher.name,
                 )
             if not teacher.built:
                 raise _checks.invalid(

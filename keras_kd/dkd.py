@@ -56,14 +56,15 @@ class DKDDistiller(Distiller):
             name="step",
         )
 
-    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
+    def _default_distillation_loss(self):
+        return kd_losses.DecoupledKD()
+
+    def compile(self, *args, **kwargs):
         """As `Distiller.compile`; `distillation_loss` defaults to
         `keras_kd.losses.DecoupledKD()`."""
-        if kwargs.get("distillation_loss") is None:
-            kwargs["distillation_loss"] = kd_losses.DecoupledKD()
-        super().compile(optimizer=optimizer, loss=loss, **kwargs)
-        if isinstance(self._distillation_loss, kd_losses.DecoupledKD):
-            self._distillation_loss.step = self.step
+        super().compile(*args, **kwargs)
+        if isinstance(self.distillation_loss, kd_losses.DecoupledKD):
+            self.distillation_loss.step = self.step
 
     def compute_distillation_loss(
         self, x, y, y_pred, teacher_pred, sample_weight=None
@@ -75,7 +76,7 @@ class DKDDistiller(Distiller):
                 "`DKDDistiller` needs the labels `y`: DKD splits the "
                 "distributions at the target class."
             )
-        return self._distillation_loss(
+        return self.distillation_loss(
             (teacher_pred, y), y_pred, sample_weight=sample_weight
         )
 

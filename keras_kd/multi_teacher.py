@@ -1,86 +1,17 @@
 """`MultiTeacherDistiller`: one student, several frozen teachers."""
 
 import math
-import numbers
 
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd import ops as kd_ops
-from keras_kd._distiller_utils import check_pairs as check_matching_outputs
-from keras_kd._checks import model as _model
-
-
-def validate_model(name, model):
-    _model(name, model)
+from keras_kd._distiller_utils import check_pairs, frozen_call, own_copy
 from keras_kd.api import export
 from keras_kd.distiller import Distiller
 
 COMBINE = ("probabilities", "losses")
-
-
-class _Teachers(keras.Model):
-    """The teachers as one model (so the `Distiller` freezes them all):
-    `call` returns the list of their outputs."""
-
-    def __init__(self, teachers, **kwargs):
-        super().__init__(**kwargs)
-        self.teachers = list(teachers)
-        self.built = True
-
-    @property
-    def outputs(self):
-        # The Distiller compares `teacher.outputs` with the student's; the
-        # ensemble's are checked teacher by teacher instead.
-        return None
-
-    def call(self, inputs, training=False):
-        return [t(inputs, training=training) for t in self.teachers]
-
-
-def _validate_teachers(student, teachers):
-    if not isinstance(teachers, (list, tuple)) or not teachers:
-        raise ValueError(
-            "Invalid value for argument `teachers`. Expected a non-empty "
-            f"list of `keras.Model`s. Received: teachers={teachers!r}"
-        )
-    for i, teacher in enumerate(teachers):
-        validate_model(f"teachers[{i}]", teacher)
-        if teacher is student or not teacher.built:
-            raise ValueError(
-                f"Invalid value for argument `teachers[{i}]`. Expected a "
-                "built model other than the student. Received: "
-                f"teachers[{i}]={teacher.name}"
-            )
-        if getattr(student, "outputs", None) and teacher.outputs:
-            check_matching_outputs(teacher.outputs, student.outputs)
-    if len({id(t) for t in teachers}) != len(teachers):
-        raise ValueError(
-            "Invalid value for argument `teachers`. Expected distinct "
-            "models; give a repeated teacher a larger weight instead. "
-            f"Received: teachers={[t.name for t in teachers]}"
-        )
-
-
-def _normalized_weights(weights, count):
-    if weights is None:
-        return [1.0 / count] * count
-    ok = isinstance(weights, (list, tuple)) and len(weights) == count
-    ok = ok and all(
-        isinstance(w, numbers.Real)
-        and not isinstance(w, bool)
-        and math.isfinite(w)
-        and w >= 0
-        for w in weights
-    )
-    if not ok or sum(weights) <= 0:
-        raise ValueError(
-            "Invalid value for argument `weights`. Expected one finite "
-            f"number >= 0 per teacher ({count}), not all 0. Received: "
-            f"weights={weights!r}"
-        )
-    total = float(sum(weights))
-    return [float(w) / total for w in weights]
 
 
 @export
@@ -133,33 +64,25 @@ class MultiTeacherDistiller(Distiller):
     def __init__(
         self, student, teachers, weights=None, combine="probabilities", **kwargs
     ):
-        validate_model("student", student)
-        _validate_teachers(student, teachers)
-        if combine not in COMBINE:
-            raise ValueError(
-                "Invalid value for argument `combine`. Expected one of "
-                f"{COMBINE}. Received: combine={combine!r}"
+        super().__init__(student, None, **kwargs)
+        if not isinstance(teachers, (list, tuple)) or not teachers:
+            raise _checks.invalid(
+                "teachers", "a non-empty list of `keras.Model`s", teachers
             )
-        super().__init__(
-            student, _Teachers(teachers, name="teachers"), **kwargs
+        self._add_teachers("teachers", list(teachers))
+        self.teachers = list(teachers)
+        given = [1.0] * len(teachers) if weights is None else weights
+        self.teacher_weights = _checks.weights("weights", given, len(teachers))
+        self.weights_given = (
+            None
+            if weights is None
+            else [_checks.as_python_number(w) for w in weights]
         )
-        self.weights_given = None if weights is None else list(weights)
-        self.teacher_weights = _normalized_weights(weights, len(teachers))
-        self.combine = combine
-
-    @property
-    def teachers(self):
-        return list(self.teacher.teachers)
+        self.combine = _checks.choice("combine", combine, COMBINE)
 
     def teacher_predictions(self, x):
-        """Per-teacher outputs (`combine="losses"`) or the mixture as
-        logits at the loss's temperature (`combine="probabilities"`)."""
-        outputs = super().teacher_predictions(x)
-        if self.combine == "losses":
-            return outputs
-        return keras.tree.map_structure(
-            lambda *leaves: self._mixture(leaves), *outputs
-        )
+        """The list of the teachers' outputs, each gradient-free."""
+        return [frozen_call(teacher, x) for teacher in self.teachers]
 
     def _mixture(self, leaves):
         loss = self.distillation_loss
@@ -179,41 +102,41 @@ class MultiTeacherDistiller(Distiller):
     def compute_distillation_loss(
         self, x, y, y_pred, teacher_pred, sample_weight=None
     ):
+        for outputs in teacher_pred:
+            check_pairs(outputs, y_pred)
         if self.combine == "probabilities":
+            mixture = keras.tree.map_structure(
+                lambda *leaves: self._mixture(leaves), *teacher_pred
+            )
             return super().compute_distillation_loss(
-                x, y, y_pred, teacher_pred, sample_weight
+                x, y, y_pred, mixture, sample_weight
             )
         total = None
         for outputs, w in zip(teacher_pred, self.teacher_weights):
             value = w * super().compute_distillation_loss(
-                x, y, y_pred, outputs, sample_weight
+                x, y, y_pred, outputs, own_copy(sample_weight)
             )
             total = value if total is None else total + value
         return total
 
     def get_config(self):
-        # Distiller.get_config would serialize the `_Teachers` wrapper.
-        return dict(
-            name=self.name,
-            trainable=self.trainable,
-            student=keras.saving.serialize_keras_object(self.student),
+        config = super().get_config()
+        config.update(
             teachers=[
                 keras.saving.serialize_keras_object(t) for t in self.teachers
             ],
             weights=self.weights_given,
             combine=self.combine,
         )
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["student"] = keras.saving.deserialize_keras_object(
-            config["student"], custom_objects=custom_objects
-        )
         config["teachers"] = [
             keras.saving.deserialize_keras_object(
                 t, custom_objects=custom_objects
             )
             for t in config["teachers"]
         ]
-        return cls(**config)
+        return super().from_config(config, custom_objects=custom_objects)

@@ -8,11 +8,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_kd._checks import model as _model
-
-
-def validate_model(name, model):
-    _model(name, model)
+from keras_kd import _checks
+from keras_kd._distiller_utils import inputs_for
 from keras_kd.api import export
 from keras_kd.distiller import Distiller
 
@@ -104,21 +101,10 @@ def cache_teacher_outputs(
     distiller.fit({"inputs": x_train, **cache}, y_train, epochs=10)
     ```
     """
-    validate_model("teacher", teacher)
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-    ):
-        raise ValueError(
-            "Invalid value for argument `top_k`. Expected a positive integer "
-            f"or None. Received: top_k={top_k!r}"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        batch_size = -1
-    if batch_size < 1:
-        raise ValueError(
-            "Invalid value for argument `batch_size`. Expected a positive "
-            f"integer. Received: batch_size={batch_size!r}"
-        )
+    _checks.model("teacher", teacher)
+    if top_k is not None:
+        top_k = _checks.integer("top_k", top_k, low=1)
+    batch_size = _checks.integer("batch_size", batch_size, low=1)
     rows = _rows(x)
     if path is not None:
         os.makedirs(path, exist_ok=True)
@@ -157,18 +143,69 @@ def cache_teacher_outputs(
 
 def load_teacher_outputs(path):
     """Reopens a cache written by `cache_teacher_outputs(path=...)` as
-    read-only memory maps."""
+    read-only memory maps.
+
+    Raises:
+        ValueError: naming the file, when the directory holds no cache, a
+            file is truncated or not a NumPy array file, or the arrays do
+            not fit together (row counts, top-k shapes, dtypes).
+    """
     found = {}
     for name in (TEACHER_LOGITS, TOP_K_VALUES, TOP_K_INDICES):
         file = os.path.join(path, name + ".npy")
         if os.path.exists(file):
-            found[name] = np.load(file, mmap_mode="r")
+            found[name] = _open_array(file)
     if not found:
-        raise ValueError(
-            "Invalid value for argument `path`. Expected a directory written "
-            f"by `cache_teacher_outputs`. Received: path={path!r}"
+        raise _checks.invalid(
+            "path", "a directory written by `cache_teacher_outputs`", path
         )
+    _check_cache(found, path)
     return found
+
+
+def _open_array(file):
+    try:
+        # allow_pickle=False: a cache holds numbers only, never objects.
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"Invalid teacher cache file {file!r}: it is truncated or not a "
+            f"NumPy array file written by `cache_teacher_outputs` ({error})."
+        ) from None
+    if not isinstance(array, np.ndarray) or array.ndim < 2:
+        raise ValueError(
+            f"Invalid teacher cache file {file!r}: expected an array of "
+            "shape [rows, ..., classes or k]."
+        )
+    return array
+
+
+def _check_cache(found, path):
+    for name, array in found.items():
+        kind = "i" if name == TOP_K_INDICES else "f"
+        if array.dtype.kind != kind:
+            raise ValueError(
+                f"Invalid teacher cache file {name + '.npy'!r} in {path!r}: "
+                f"unexpected dtype {array.dtype}."
+            )
+    if (TOP_K_VALUES in found) != (TOP_K_INDICES in found):
+        raise ValueError(
+            f"Invalid teacher cache in {path!r}: a top-k cache needs both "
+            f"{TOP_K_VALUES}.npy and {TOP_K_INDICES}.npy."
+        )
+    if TOP_K_VALUES in found:
+        values, indices = found[TOP_K_VALUES], found[TOP_K_INDICES]
+        if values.shape != indices.shape:
+            raise ValueError(
+                f"Invalid teacher cache in {path!r}: top-k values "
+                f"{values.shape} and indices {indices.shape} differ in shape."
+            )
+    rows = {array.shape[0] for array in found.values()}
+    if len(rows) > 1:
+        raise ValueError(
+            f"Invalid teacher cache in {path!r}: the files hold different "
+            f"numbers of rows {sorted(rows)}."
+        )
 
 
 def dense_from_top_k(values, indices, classes):
@@ -195,18 +232,6 @@ def dense_from_top_k(values, indices, classes):
     return ops.reshape(dense, tuple(shape[:-1]) + (classes,))
 
 
-def _identity_teacher(student):
-    """A weightless stand-in for the absent teacher, shaped like the
-    student's output, so the `Distiller` machinery has a model to hold."""
-    outputs = getattr(student, "outputs", None)
-    if not outputs or len(outputs) != 1:
-        shape = (None,)
-    else:
-        shape = tuple(outputs[0].shape[1:])
-    inputs = keras.Input(shape, name="cached_teacher_outputs")
-    return keras.Model(inputs, inputs, name="cached_teacher")
-
-
 @export
 class OfflineDistiller(Distiller):
     """A `Distiller` trained against cached teacher outputs.
@@ -221,8 +246,7 @@ class OfflineDistiller(Distiller):
     With a top-k cache the teacher's distribution is its top-k classes,
     renormalized (see `cache_teacher_outputs` for the exact error).
 
-    `distiller.teacher` is a weightless identity placeholder; no teacher
-    model is needed at training time.
+    No teacher model is needed (or held) at training time.
 
     Args:
         student: the `keras.Model` to train.
@@ -244,26 +268,23 @@ class OfflineDistiller(Distiller):
     """
 
     def __init__(self, student, **kwargs):
-        validate_model("student", student)
-        super().__init__(student, _identity_teacher(student), **kwargs)
+        super().__init__(student, None, **kwargs)
 
-    @staticmethod
-    def _is_packed(inputs):
-        return isinstance(inputs, dict) and INPUTS in inputs
-
-    def call(self, inputs, training=None):
-        """Runs the student on `inputs["inputs"]` (or on plain inputs)."""
-        if self._is_packed(inputs):
-            inputs = inputs[INPUTS]
-        return self.student(inputs, training=training)
+    def student_inputs(self, x):
+        """The student's inputs: `x["inputs"]`, or `x` itself (`predict`
+        on plain inputs)."""
+        if isinstance(x, dict) and INPUTS in x:
+            x = x[INPUTS]
+        return inputs_for(self.student, x)
 
     def teacher_predictions(self, x):
         """Reads the cached teacher outputs from the batch `x`: the logits,
         or the pair `(values, indices)` of a top-k cache."""
-        if self._is_packed(x) and TEACHER_LOGITS in x:
+        packed = isinstance(x, dict) and INPUTS in x
+        if packed and TEACHER_LOGITS in x:
             logits = ops.cast(x[TEACHER_LOGITS], "float32")
             return ops.stop_gradient(logits)
-        if self._is_packed(x) and TOP_K_VALUES in x and TOP_K_INDICES in x:
+        if packed and TOP_K_VALUES in x and TOP_K_INDICES in x:
             return (
                 ops.stop_gradient(ops.cast(x[TOP_K_VALUES], "float32")),
                 x[TOP_K_INDICES],
@@ -287,16 +308,3 @@ class OfflineDistiller(Distiller):
         return super().compute_distillation_loss(
             x, y, y_pred, teacher_pred, sample_weight
         )
-
-    def get_config(self):
-        config = super().get_config()
-        del config["teacher"]
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["student"] = keras.saving.deserialize_keras_object(
-            config["student"], custom_objects=custom_objects
-        )
-        return cls(**config)

@@ -139,5 +139,17 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="teachers\\[1\\]"):
         keras_kd.MultiTeacherDistiller(student, [teachers[0], student])
     wrong = keras.Sequential([keras.Input((8,)), keras.layers.Dense(5)])
+    distiller = keras_kd.MultiTeacherDistiller(student, [teachers[0], wrong])
+    distiller.compile("sgd")
+    x = np.zeros((4, 8), "float32")
     with pytest.raises(ValueError, match="same structure and shape"):
-        keras_kd.MultiTeacherDistiller(student, [teachers[0], wrong])
+        distiller.fit(x, np.zeros((4,), "int32"), verbose=0)
+    with pytest.raises(ValueError, match="weights"):
+        keras_kd.MultiTeacherDistiller(
+            student, teachers, weights=[1.0, float("inf"), 1.0]
+        )
+    # Weights near the float maximum normalize without overflowing.
+    huge = keras_kd.MultiTeacherDistiller(
+        student, teachers[:2], weights=[1e308, np.float64(1e308)]
+    )
+    assert huge.teacher_weights == [0.5, 0.5]

@@ -84,7 +84,11 @@ def test_no_teacher_weights_and_plain_predict():
     teacher, student = pair()
     x, y = data(16)
     distiller = keras_kd.OfflineDistiller(student)
-    assert distiller.teacher.weights == []
+    assert distiller.teacher is None
+    assert {id(v) for v in distiller.non_trainable_weights} == {
+        id(distiller.alpha),
+        id(distiller.temperature),
+    }
     assert {id(v) for v in distiller.trainable_weights} == {
         id(v) for v in student.trainable_weights
     }
