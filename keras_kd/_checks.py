@@ -148,7 +148,8 @@ def weights(name, values, count):
     Normalizing divides by the largest weight first, so weights near the
     float maximum (whose sum overflows) are normalized correctly.
     """
-    if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != count:
+    sized = isinstance(values, (list, tuple, np.ndarray))
+    if not sized or len(values) != count:
         raise invalid(
             name, f"a list of {count} finite numbers >= 0, not all 0", values
         )

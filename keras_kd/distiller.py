@@ -294,7 +294,8 @@ class Distiller(keras.Model):
             weights = [sample_weight] * len(students)
         total = None
         for t, s, w in zip(teachers, students, weights):
-            value = self._distillation_loss(t, s, sample_weight=utils.own_copy(w))
+            w = utils.own_copy(w)
+            value = self._distillation_loss(t, s, sample_weight=w)
             total = value if total is None else total + value
         return total
 

@@ -1,162 +1,21 @@
 """`FeatureDistiller`: hint distillation from intermediate layers, with the
 student's forward pass run once per step."""
 
-import numbers
-
 import keras
 from keras import ops
 
-from keras_kd import losses as kd_losses
-from keras_kd._distiller_utils import no_grad as inference_only
-from keras_kd._keras_compat import LossTrackers as LossTerms
+from keras_kd import _checks
+from keras_kd._distiller_utils import batch_size, frozen_call
+from keras_kd._feature_views import (
+    as_list,
+    feature_pairs,
+    feature_view,
+    make_projection,
+    resolve_feature_loss,
+)
+from keras_kd._keras_compat import LossTrackers
 from keras_kd.api import export
 from keras_kd.distiller import Distiller
-
-_LOSS_ALIASES = {
-    "mse": kd_losses.FeatureMeanSquaredError,
-    "mean_squared_error": kd_losses.FeatureMeanSquaredError,
-    "cosine": kd_losses.FeatureCosineDistance,
-    "attention": kd_losses.AttentionTransfer,
-    "attention_transfer": kd_losses.AttentionTransfer,
-}
-_PROJECTIONS = ("auto", "dense", "conv", None)
-
-
-def symbolic_endpoint(model, attribute):
-    """`model.input` / `model.output` as a structure of `KerasTensor`s."""
-    try:
-        return getattr(model, attribute)
-    except (AttributeError, ValueError):
-        pass
-    values = getattr(model, attribute + "s", None)
-    if not values:
-        raise ValueError(
-            "Invalid value for argument `student`/`teacher`. Feature "
-            "distillation reads named layers from the model's graph, so it "
-            "needs a Functional or Sequential model built on `keras.Input`. "
-            f"Received: model={model.name} of type {type(model).__name__} "
-            f"with no symbolic {attribute}s"
-        )
-    return values[0] if len(values) == 1 else values
-
-
-def feature_view(model, layer_names, role):
-    """A functional model `x -> (outputs, [features...])` over `model`'s
-    own layers (one call computes the outputs and the named layers' outputs
-    together), and the symbolic features."""
-    inputs = symbolic_endpoint(model, "input")
-    outputs = symbolic_endpoint(model, "output")
-    features = []
-    for name in layer_names:
-        try:
-            features.append(model.get_layer(name).output)
-        except (ValueError, AttributeError) as error:
-            raise ValueError(
-                f"Invalid value for argument `features`. Expected names of "
-                f"{role} layers, each called once in the model. Received: "
-                f"{name!r} ({error})"
-            ) from None
-    view = keras.Model(inputs, (outputs, features), name=f"{role}_features")
-    return view, features
-
-
-def _as_list(name, value, count):
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(
-                f"Invalid value for argument `{name}`. Expected one entry "
-                f"per feature pair ({count}). Received: {name}={value!r}"
-            )
-        return list(value)
-    return [value] * count
-
-
-def _feature_pairs(features):
-    if isinstance(features, dict):
-        features = list(features.items())
-    pairs = []
-    for pair in features if isinstance(features, (list, tuple)) else [None]:
-        if (
-            not isinstance(pair, (list, tuple))
-            or len(pair) != 2
-            or not all(isinstance(n, str) for n in pair)
-        ):
-            raise ValueError(
-                "Invalid value for argument `features`. Expected a list of "
-                "(student_layer_name, teacher_layer_name) pairs or a dict "
-                f"student name -> teacher name. Received: features={features!r}"
-            )
-        pairs.append(tuple(pair))
-    if not pairs:
-        raise ValueError(
-            "Invalid value for argument `features`. Expected at least one "
-            f"pair of layer names. Received: features={features!r}"
-        )
-    return pairs
-
-
-def _feature_loss(loss):
-    if isinstance(loss, str) and loss in _LOSS_ALIASES:
-        return _LOSS_ALIASES[loss]()
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-    raise ValueError(
-        "Invalid value for argument `feature_loss`. Expected one of "
-        f"{sorted(_LOSS_ALIASES)} or a `keras.losses.Loss` instance. "
-        f"Received: feature_loss={loss!r}"
-    )
-
-
-def _weight(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not value >= 0
-    ):
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a number >= 0. "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _make_projection(kind, student_feature, teacher_feature, loss):
-    """The layer mapping a student feature to the teacher's width, or
-    `None` when none is needed (or wanted)."""
-    if isinstance(kind, keras.layers.Layer):
-        layer = kind
-    elif kind is None:
-        return None
-    elif kind not in _PROJECTIONS:
-        raise ValueError(
-            "Invalid value for argument `projection`. Expected 'auto', "
-            "'dense', 'conv', None or a `keras.layers.Layer`. Received: "
-            f"projection={kind!r}"
-        )
-    else:
-        width = teacher_feature.shape[-1]
-        rank = len(student_feature.shape)
-        if kind == "auto":
-            # Attention maps are width-free; equal widths need no mapping.
-            same = student_feature.shape[-1] == width
-            if same or isinstance(loss, kd_losses.AttentionTransfer):
-                return None
-            kind = "dense"
-        if kind == "conv" and 3 <= rank <= 5:
-            conv = (
-                keras.layers.Conv1D,
-                keras.layers.Conv2D,
-                keras.layers.Conv3D,
-            )[rank - 3]
-            layer = conv(width, 1)
-        else:
-            # On a channels-last map a Dense layer is a 1x1 convolution.
-            layer = keras.layers.Dense(width)
-    symbolic = keras.KerasTensor(
-        student_feature.shape, dtype=student_feature.dtype
-    )
-    layer(symbolic)
-    return layer
 
 
 @export
@@ -185,6 +44,16 @@ class FeatureDistiller(Distiller):
     step (inference mode, no gradient) the same way. This needs Functional
     or Sequential models built on `keras.Input` (a subclassed model has no
     graph to read layers from), and named layers called once in the model.
+    A layer is named by its name, or as `"layer/key"` for one entry of a
+    dict output (e.g. `"gpt2_backbone/sequence_output"` style outputs of
+    keras-hub backbones).
+
+    While training, calling the Distiller returns the dict
+    `{"outputs": student outputs, "features": [named student features]}`
+    of that single pass, which `compute_loss` and `compute_metrics` read;
+    `predict`, `evaluate` and `distiller(x)` return the student's outputs.
+    Evaluation reads the student's features from one more inference-mode
+    pass (no dropout, no statistics updated).
 
     Projections are ordinary layers of the Distiller, trained with the
     student and saved with the Distiller, but not part of
@@ -200,13 +69,14 @@ class FeatureDistiller(Distiller):
             (`losses.AttentionTransfer`) or a `keras.losses.Loss` called as
             `loss(teacher_feature, student_feature, sample_weight)`; one
             for all pairs or a list.
-        feature_weight: weight `>= 0` of each feature term (one or a list).
+        feature_weight: finite weight `>= 0` of each feature term (one or a
+            list).
         projection: `"auto"` (a `Dense` layer when the last-axis widths
             differ, none otherwise or for attention transfer), `"dense"`,
             `"conv"` (a 1x1 `Conv1D/2D/3D` by rank), `None`, or a
             `keras.layers.Layer` (used for a single pair); one or a list.
-        logits_weight: weight `>= 0` of the output distillation term; 0 for
-            features alone.
+        logits_weight: finite weight `>= 0` of the output distillation term;
+            0 for features alone.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -238,18 +108,20 @@ class FeatureDistiller(Distiller):
         **kwargs,
     ):
         super().__init__(student, teacher, **kwargs)
-        pairs = _feature_pairs(features)
+        pairs = feature_pairs(features)
         count = len(pairs)
         self.features = pairs
         self.feature_losses = [
-            _feature_loss(loss)
-            for loss in _as_list("feature_loss", feature_loss, count)
+            resolve_feature_loss(loss)
+            for loss in as_list("feature_loss", feature_loss, count)
         ]
         self.feature_weights = [
-            _weight("feature_weight", w)
-            for w in _as_list("feature_weight", feature_weight, count)
+            _checks.non_negative("feature_weight", w)
+            for w in as_list("feature_weight", feature_weight, count)
         ]
-        self.logits_weight = _weight("logits_weight", logits_weight)
+        self.logits_weight = _checks.non_negative(
+            "logits_weight", logits_weight
+        )
         student_view, student_features = feature_view(
             student, [s for s, _ in pairs], "student"
         )
@@ -260,8 +132,7 @@ class FeatureDistiller(Distiller):
         # tracker, so weights are listed (and saved) once, via the models.
         object.__setattr__(self, "_student_view", student_view)
         object.__setattr__(self, "_teacher_view", teacher_view)
-        object.__setattr__(self, "_pending", None)
-        kinds = _as_list("projection", projection, count)
+        kinds = as_list("projection", projection, count)
         if isinstance(projection, keras.layers.Layer) and count > 1:
             raise ValueError(
                 "Invalid value for argument `projection`. A layer instance "
@@ -269,7 +140,7 @@ class FeatureDistiller(Distiller):
                 f"Received: projection={projection!r} for {count} pairs"
             )
         self.projections = [
-            _make_projection(kind, s, t, loss)
+            make_projection(kind, s, t, loss)
             for kind, s, t, loss in zip(
                 kinds, student_features, teacher_features, self.feature_losses
             )
@@ -278,48 +149,55 @@ class FeatureDistiller(Distiller):
             kind if not isinstance(kind, keras.layers.Layer) else "layer"
             for kind in kinds
         ]
-        self._feature_loss_tracker = keras.metrics.Mean(name="feature_loss")
-        self._feature_loss_tracker._direction = "down"
-        self._feature_term = LossTerms(
-            [self._feature_loss_tracker], name="feature_loss_terms"
+        self.feature_loss_tracker = keras.metrics.Mean(name="feature_loss")
+        self._feature_term = LossTrackers(
+            [self.feature_loss_tracker], name="feature_loss_terms"
         )
 
     # ------------------------------------------------------------ forward
 
     def call(self, inputs, training=None):
-        """Runs the student once and keeps the named layers' outputs of
-        that same pass for `compute_loss`; returns the student's outputs."""
-        outputs, features = self._student_view(inputs, training=training)
-        object.__setattr__(self, "_pending", (outputs, features))
+        """Runs the student once.
+
+        Returns:
+            While training, `{"outputs": ..., "features": [...]}` from that
+            one pass; otherwise the student's outputs.
+        """
+        outputs, features = self._student_view(
+            self.student_inputs(inputs), training=training
+        )
+        if training:
+            return {"outputs": outputs, "features": list(features)}
         return outputs
 
     def teacher_predictions(self, x):
         """The teacher's `(outputs, features)` from one inference pass."""
-        with inference_only():
-            outputs, features = self._teacher_view(x, training=False)
-        return keras.tree.map_structure(
-            ops.stop_gradient, (outputs, list(features))
-        )
+        outputs, features = frozen_call(self._teacher_view, x)
+        return outputs, list(features)
 
-    def student_features(self, x, y_pred):
-        """The named student layers' outputs of the pass that gave
-        `y_pred` (a fresh inference pass if `y_pred` came from elsewhere).
-        """
-        pending = self._pending
-        object.__setattr__(self, "_pending", None)
-        if pending is not None and pending[0] is y_pred:
-            return list(pending[1])
-        _, features = self._student_view(x, training=False)
-        return list(features)
+    def _split(self, x, y_pred):
+        """The student's outputs and features behind `y_pred`."""
+        outputs, features = _parts(y_pred)
+        if features is None:
+            # Evaluation: y_pred holds the outputs only; the features come
+            # from an inference-mode pass, which changes no state.
+            _, features = self._student_view(
+                self.student_inputs(x), training=False
+            )
+        return outputs, list(features)
 
     # --------------------------------------------------------------- loss
+
+    def compute_student_loss(self, x, y, y_pred, sample_weight=None):
+        outputs, _ = _parts(y_pred)
+        return super().compute_student_loss(x, y, outputs, sample_weight)
 
     def compute_distillation_loss(
         self, x, y, y_pred, teacher_pred, sample_weight=None
     ):
         """`logits_weight * output term + weighted feature terms`."""
         teacher_outputs, teacher_features = teacher_pred
-        student_features = self.student_features(x, y_pred)
+        outputs, student_features = self._split(x, y_pred)
         weight = sample_weight
         if isinstance(weight, (list, tuple, dict)):
             # Per-output weights do not say how to weight hidden features.
@@ -340,29 +218,24 @@ class FeatureDistiller(Distiller):
             )
         if self.logits_weight > 0:
             logits = super().compute_distillation_loss(
-                x, y, y_pred, teacher_outputs, sample_weight
+                x, y, outputs, teacher_outputs, sample_weight
             )
             total = self.logits_weight * logits + ops.cast(
                 feature_total, logits.dtype
             )
         else:
             total = feature_total
-        batch_size = ops.shape(
-            next(t for t in keras.tree.flatten(x) if t is not None)
-        )[0]
-        self._feature_loss_tracker.update_state(
-            feature_total, sample_weight=batch_size
+        self.feature_loss_tracker.update_state(
+            feature_total, sample_weight=batch_size(x)
         )
         return total
 
-    @property
-    def metrics(self):
-        metrics = super().metrics
-        if not self.compiled:
-            return metrics
-        skip = {id(self._feature_term), id(self._feature_loss_tracker)}
-        metrics = [m for m in metrics if id(m) not in skip]
-        return metrics[:2] + [self._feature_term] + metrics[2:]
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        outputs, _ = _parts(y_pred)
+        return super().compute_metrics(x, y, outputs, sample_weight)
+
+    def _extra_terms(self):
+        return [self._feature_term]
 
     # ------------------------------------------------------------- config
 
@@ -403,3 +276,11 @@ class FeatureDistiller(Distiller):
             for kind in config["projection"]
         ]
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _parts(y_pred):
+    """`(outputs, features)` of a training-mode call, `(y_pred, None)`
+    otherwise."""
+    if isinstance(y_pred, dict) and set(y_pred) == {"outputs", "features"}:
+        return y_pred["outputs"], y_pred["features"]
+    return y_pred, None
