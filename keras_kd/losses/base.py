@@ -1,9 +1,10 @@
-"""What every keras-kd loss shares: argument checks and config."""
+"""What every keras-kd loss shares: argument checks, config and the empty
+batch."""
 
 import keras
 from keras import ops
 
-from keras_kd import ops as kd_ops
+from keras_kd import _checks
 
 
 class DivergenceLoss(keras.losses.Loss):
@@ -11,8 +12,9 @@ class DivergenceLoss(keras.losses.Loss):
 
     Subclasses set `fn`, a function of `ops`, and list in `_fn_args` the
     constructor arguments that are passed on to it (and saved in the config).
-    `temperature` may be a Python number or a scalar `keras.Variable`, which
-    lets a callback change it inside compiled train functions.
+    `temperature` may be a Python or NumPy number or a scalar
+    `keras.Variable` (its current value is checked here), which lets a
+    callback change it inside compiled train functions.
     """
 
     _fn_args = ()
@@ -20,11 +22,20 @@ class DivergenceLoss(keras.losses.Loss):
     def __init__(self, reduction, name, dtype, **fn_kwargs):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if "temperature" in fn_kwargs:
-            fn_kwargs["temperature"] = kd_ops.validate_temperature(
+            fn_kwargs["temperature"] = _checks.temperature(
                 fn_kwargs["temperature"]
             )
         for key, value in fn_kwargs.items():
             setattr(self, key, value)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        value = super().__call__(y_true, y_pred, sample_weight)
+        # Keras hands back per-example values of shape [0] unreduced for an
+        # empty batch; a reduced loss is a scalar, and 0 is its value there
+        # (the sum over nothing, and what Keras gives for rank-3 inputs).
+        if self.reduction not in (None, "none") and tuple(value.shape) == (0,):
+            value = ops.sum(value)
+        return value
 
     def call(self, y_true, y_pred):
         kwargs = {key: getattr(self, key) for key in self._fn_args}
@@ -32,7 +43,9 @@ class DivergenceLoss(keras.losses.Loss):
 
     def get_config(self):
         config = super().get_config()
-        config["dtype"] = self._dtype_policy.name
+        # `keras.losses.Loss.get_config` (Keras 3.15) leaves the dtype out;
+        # the public `dtype` property is the compute dtype, all a loss uses.
+        config.setdefault("dtype", self.dtype)
         for key in self._fn_args:
             value = getattr(self, key)
             if isinstance(value, keras.Variable):

@@ -1,5 +1,6 @@
 """Distribution divergences for distillation: KL, symmetric KL, JSD."""
 
+from keras_kd import _checks
 from keras_kd import ops as kd_ops
 from keras_kd.api import export
 from keras_kd.losses.base import DivergenceLoss
@@ -100,9 +101,7 @@ class ReverseKLDivergence(KLDivergence):
         name="reverse_kl_divergence",
         dtype=None,
     ):
-        super().__init__(
-            temperature, from_logits, axis, reduction, name, dtype
-        )
+        super().__init__(temperature, from_logits, axis, reduction, name, dtype)
 
 
 @export
@@ -191,7 +190,7 @@ class JensenShannonDivergence(DivergenceLoss):
             reduction,
             name,
             dtype,
-            beta=kd_ops.validate_beta(beta),
+            beta=_checks.fraction("beta", beta),
             temperature=temperature,
             from_logits=from_logits,
             axis=axis,

@@ -1,38 +1,11 @@
 """The decoupled knowledge distillation (DKD) loss."""
 
-import math
-
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.api import export
 from keras_kd.losses.base import DivergenceLoss
 from keras_kd.ops import _dkd
-
-
-def _validate_weight(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value >= 0)
-    ):
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a finite number "
-            f">= 0. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _validate_warmup(warmup_steps):
-    if (
-        isinstance(warmup_steps, bool)
-        or not isinstance(warmup_steps, int)
-        or warmup_steps < 0
-    ):
-        raise ValueError(
-            "Invalid value for argument `warmup_steps`. Expected an integer "
-            f">= 0. Received: warmup_steps={warmup_steps!r}"
-        )
-    return warmup_steps
 
 
 @export
@@ -55,7 +28,8 @@ class DecoupledKD(DivergenceLoss):
     ```
 
     All in log space (see `keras_kd.ops.decoupled_kd`): exact for
-    confident logits.
+    confident logits. A row whose label is not a class index (outside
+    `[0, classes)`) gives NaN, on every backend.
 
     Warm-up: the paper ramps the loss linearly over its first 20 epochs.
     Here the ramp counts training steps, so it advances inside compiled
@@ -67,8 +41,10 @@ class DecoupledKD(DivergenceLoss):
     or a scalar variable.
 
     Args:
-        alpha: weight of the target-class term TCKD (paper: 1.0).
-        beta: weight of the non-target-class term NCKD (paper: 8.0).
+        alpha: weight of the target-class term TCKD (paper: 1.0), a
+            Python or NumPy number `>= 0`.
+        beta: weight of the non-target-class term NCKD (paper: 8.0), a
+            Python or NumPy number `>= 0`.
         temperature: softening temperature `T > 0` (paper: 4.0).
         warmup_steps: length of the linear warm-up in training steps; 0 for
             none.
@@ -113,12 +89,12 @@ class DecoupledKD(DivergenceLoss):
             reduction,
             name,
             dtype,
-            alpha=_validate_weight("alpha", alpha),
-            beta=_validate_weight("beta", beta),
+            alpha=_checks.non_negative("alpha", alpha),
+            beta=_checks.non_negative("beta", beta),
             temperature=temperature,
             axis=axis,
         )
-        self.warmup_steps = _validate_warmup(warmup_steps)
+        self.warmup_steps = _checks.integer("warmup_steps", warmup_steps, 0)
         self.step = None
 
     def call(self, y_true, y_pred):

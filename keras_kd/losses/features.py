@@ -5,6 +5,7 @@ any projection). Each returns one value per example, so `sample_weight`
 of shape `[batch]` applies; the default reduction averages over examples.
 """
 
+from keras_kd import _checks
 from keras_kd.api import export
 from keras_kd.losses.base import DivergenceLoss
 from keras_kd.ops import _features
@@ -118,9 +119,5 @@ class AttentionTransfer(DivergenceLoss):
         name="attention_transfer",
         dtype=None,
     ):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
-            raise ValueError(
-                "Invalid value for argument `p`. Expected a number > 0. "
-                f"Received: p={p!r}"
-            )
+        p = _checks.number("p", p, low=0.0, low_open=True)
         super().__init__(reduction, name, dtype, p=p, axis=axis)

@@ -4,48 +4,51 @@ import math
 
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd import ops as kd_ops
 from keras_kd.api import export
 from keras_kd.losses.base import DivergenceLoss
+from keras_kd.ops import _core, _divergences
 
 
 def validate_alpha(alpha):
-    """Returns `alpha` as a float, or raises a `ValueError`."""
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not (math.isfinite(alpha) and alpha >= 0)
-    ):
-        raise ValueError(
-            "Invalid value for argument `alpha`. Expected a finite number "
-            f">= 0. Received: alpha={alpha}"
-        )
-    return float(alpha)
+    """Returns `alpha` as a float `>= 0`, or raises a `ValueError`."""
+    return _checks.non_negative("alpha", alpha)
 
 
 def _hard_label_cross_entropy(y_true, log_q, sparse):
-    if sparse:
-        labels = ops.cast(y_true, "int32")
-        if len(labels.shape) == len(log_q.shape):
-            labels = ops.squeeze(labels, axis=-1)
-        picked = ops.take_along_axis(
-            log_q, ops.expand_dims(labels, -1), axis=-1
-        )
-        return -ops.squeeze(picked, axis=-1)
-    has_mass = y_true > 0
-    safe_log_q = ops.where(has_mass, log_q, 0.0)
-    return -ops.sum(ops.where(has_mass, y_true * safe_log_q, 0.0), axis=-1)
+    """`-log q[label]` (sparse) or `-sum(y * log q)`, from finite logs.
+
+    A sparse label outside `[0, classes)` (or NaN) gives NaN for its row:
+    gathering it would read another class (-1 is the last one on some
+    backends) or fail on others.
+    """
+    if not sparse:
+        # log q is finite (see `keras_kd.ops._core._log_softmax`): a zero
+        # label times a class without mass is exactly 0, and a NaN label
+        # reaches the value.
+        return -ops.sum(y_true * log_q, axis=-1)
+    labels = y_true
+    if len(labels.shape) == len(log_q.shape):
+        labels = ops.squeeze(labels, axis=-1)
+    valid = ops.logical_and(labels >= 0, labels < log_q.shape[-1])
+    labels = ops.cast(ops.where(valid, labels, 0), "int32")
+    picked = ops.take_along_axis(log_q, ops.expand_dims(labels, -1), axis=-1)
+    return ops.where(valid, -ops.squeeze(picked, axis=-1), math.nan)
 
 
 def rdrop_cross_entropy(y_true, y_pred, alpha, from_logits, sparse):
     """Per-row R-Drop loss: cross-entropy plus `alpha / 4` times the pair's
     symmetric KL (see `RDropCategoricalCrossentropy`)."""
-    y_pred = ops.convert_to_tensor(y_pred)
+    y_pred = _core._as_float(y_pred)
     if not sparse:
         kd_ops._check_same_shape(ops.convert_to_tensor(y_true), y_pred)
-    log_q = kd_ops.log_probabilities(y_pred, from_logits=from_logits)
+    # One log-softmax serves both terms.
+    log_q = _core._finite_log_probabilities(y_pred, from_logits, 1.0, -1)
     ce = _hard_label_cross_entropy(ops.cast(y_true, log_q.dtype), log_q, sparse)
-    pair = kd_ops.paired_symmetric_kl_divergence(log_q, from_logits=True)
+    pair = kd_ops.paired_symmetric_kl_divergence(
+        log_q, divergence=_divergences._symmetric_kl_of_logs
+    )
     return ce + (alpha / 4.0) * pair
 
 
@@ -117,7 +120,8 @@ class RDropSparseCategoricalCrossentropy(_RDropLoss):
     """`RDropCategoricalCrossentropy` with integer labels.
 
     Labels are class indices `[batch]` (or `[batch, 1]`) for the interleaved
-    batch `[x0, x0, x1, x1, ...]`.
+    batch `[x0, x0, x1, x1, ...]`. A label outside `[0, classes)` gives NaN
+    for its row (never the value of another class).
 
     Args:
         alpha: weight of the consistency term, `>= 0`.

@@ -1,42 +1,41 @@
 """Shared pieces of `keras_kd.ops`: argument checks, dtype handling and
-the log-space primitives every divergence is built from."""
+the one log-softmax engine every divergence is built from."""
 
 import math
-import numbers
 
 import keras
 from keras import ops
+
+from keras_kd import _checks
 
 # ---------------------------------------------------------------- validation
 
 
 def validate_temperature(temperature):
-    """Returns `temperature` as a float, or raises a `ValueError`.
+    """Returns a checked temperature, or raises a `ValueError`.
 
-    Python and NumPy numbers must be finite and `> 0`. Tensors and
-    `keras.Variable`s (a temperature schedule) pass through unchecked: their
-    value is only known when the loss runs.
+    Python and NumPy numbers (and 0-d arrays) are checked by
+    `keras_kd._checks.temperature` and returned as floats. A backend tensor
+    (or a tracer under `jit`) and a `keras.Variable` pass through unchanged:
+    inside a compiled function their value is only known when the loss runs
+    and cannot be read here. A variable's value is checked where it is set
+    (a loss constructor, the Distiller, the temperature callback).
     """
-    if _is_tensor_like(temperature):
+    if isinstance(temperature, keras.Variable) or ops.is_tensor(temperature):
         return temperature
-    if not _is_real(temperature) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(
-            "Invalid value for argument `temperature`. Expected a finite "
-            f"number > 0. Received: temperature={temperature}"
-        )
-    return float(temperature)
+    return _checks.temperature(temperature)
 
 
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+def validate_beta(beta):
+    """Returns `beta` as a float in `[0, 1]`, or raises a `ValueError`."""
+    return _checks.fraction("beta", beta)
 
 
-def _is_tensor_like(x):
-    if isinstance(x, keras.Variable):
-        return True
-    return not _is_real(x) and hasattr(x, "shape") and hasattr(x, "dtype")
+def _weight(name, value):
+    """A weight `>= 0`: numbers are checked, tensors and variables pass."""
+    if isinstance(value, keras.Variable) or ops.is_tensor(value):
+        return value
+    return _checks.non_negative(name, value)
 
 
 def _check_same_shape(y_true, y_pred, true_name="y_true", pred_name="y_pred"):
@@ -51,6 +50,9 @@ def _check_same_shape(y_true, y_pred, true_name="y_true", pred_name="y_pred"):
         )
 
 
+# ----------------------------------------------------------------- dtypes
+
+
 def _as_float(x):
     """Converts to a float tensor, computing half precision in float32."""
     x = ops.convert_to_tensor(x)
@@ -63,41 +65,130 @@ def _as_float(x):
 def _pair(y_true, y_pred):
     y_true, y_pred = _as_float(y_true), _as_float(y_pred)
     _check_same_shape(y_true, y_pred)
-    dtype = keras.backend.result_type(y_true.dtype, y_pred.dtype)
+    # Not `keras.backend.result_type`: off TensorFlow it maps float64 to
+    # float32, so float64 inputs would silently lose their precision.
+    dtypes = [
+        keras.backend.standardize_dtype(x.dtype) for x in (y_true, y_pred)
+    ]
+    dtype = "float64" if "float64" in dtypes else "float32"
     return ops.cast(y_true, dtype), ops.cast(y_pred, dtype)
 
 
+def _lowest(dtype):
+    if keras.backend.standardize_dtype(dtype) == "float64":
+        return -1.7976931348623157e308
+    return -3.4028234663852886e38
+
+
+def _constant(value, dtype):
+    # A Python float given to `ops.where` becomes a float32 tensor on torch:
+    # the float64 lowest value would turn into -inf there.
+    return ops.convert_to_tensor(value, dtype=dtype)
+
+
 def _scale(x, temperature):
-    if isinstance(temperature, float) and temperature == 1.0:
-        return x
+    if isinstance(temperature, float):
+        return x if temperature == 1.0 else x / temperature
     return x / ops.cast(temperature, x.dtype)
 
 
 def _times_t_squared(value, temperature):
-    if isinstance(temperature, float) and temperature == 1.0:
-        return value
+    if isinstance(temperature, float):
+        return value if temperature == 1.0 else value * (temperature**2)
     t = ops.cast(temperature, value.dtype)
     return value * t * t
 
 
-def validate_beta(beta):
-    """Returns `beta` as a float, or raises a `ValueError`."""
-    if not _is_real(beta) or not 0.0 <= beta <= 1.0:
-        raise ValueError(
-            "Invalid value for argument `beta`. Expected a number in "
-            f"[0, 1]. Received: beta={beta}"
-        )
-    return float(beta)
+def _reduce_max(x, axis):
+    """`ops.max(x, axis, keepdims=True)`, also for an empty batch.
+
+    Keras' TensorFlow and torch backends raise on a tensor with a
+    zero-length axis; the maximum over no entries is `-inf`.
+    """
+    if 0 in tuple(x.shape):
+        return ops.sum(x, axis=axis, keepdims=True) - math.inf
+    return ops.max(x, axis=axis, keepdims=True)
 
 
 # ------------------------------------------------------------ log space core
 
 
+def _logits_of(x, from_logits):
+    """Logits as they are, or the log of probabilities.
+
+    `log 0 = -inf` by intent (no mass), without a warning or a NaN gradient;
+    a NaN probability stays NaN.
+    """
+    if from_logits:
+        return x
+    empty = x <= 0
+    return ops.where(empty, -math.inf, ops.log(ops.where(empty, 1.0, x)))
+
+
+def _log_softmax(x, axis=-1, temperature=1.0):
+    """`log_softmax(x / temperature)`, finite: the one engine.
+
+    Every divergence is built on this function, and `log_probabilities` is
+    this function with one rule applied to its output.
+
+    The rule: an entry with no mass (a `-inf` logit, a zero probability, a
+    log-probability below the dtype's lowest finite value `L`, and every
+    entry of a row whose logits are all `-inf`) comes out as exactly `L`.
+    `exp(L)` is exactly 0, so a term `p * (log p - log q)` is exactly 0
+    where `p` has no mass, and the difference of two logs stays finite
+    (within `[L, -L]`): divergences need no `where` and give finite
+    gradients. A NaN anywhere in a row makes the whole row NaN.
+
+    The row maximum is subtracted before the temperature divides, so the
+    log-probabilities are accurate to rounding of the result itself, not of
+    the logits (`x / T - logsumexp(x / T)` loses 1e-3 absolute at logits near
+    1e4). `x - max` can overflow for finite logits of opposite signs near the
+    float maximum; at `T <= 1` that is the right answer (the true value is
+    below `L` and has no mass), at `T > 1` the halves are subtracted and the
+    factor 2 is folded into `1 / T`, so no intermediate overflows.
+
+    Args:
+        x: a float tensor of logits.
+        axis: the class axis (an int or a tuple of ints).
+        temperature: a validated temperature.
+
+    Returns:
+        Log-probabilities in `[L, 0]`, same shape and dtype as `x`.
+    """
+    lowest = _lowest(x.dtype)
+    top = _reduce_max(x, axis)
+    empty = top == -math.inf
+    # A fully masked row is shifted by 0; a NaN row keeps its NaN maximum.
+    top = ops.stop_gradient(ops.where(empty, 0.0, top))
+    if isinstance(temperature, float) and temperature <= 1.0:
+        shifted = _scale(x - top, temperature)
+    else:
+        if isinstance(temperature, float):
+            factor = 2.0 / temperature
+        else:
+            factor = 2.0 / ops.cast(temperature, x.dtype)
+        shifted = (x * 0.5 - top * 0.5) * factor
+    # -inf (masked, or beyond the float range) becomes L; NaN stays NaN.
+    shifted = ops.where(shifted < lowest, _constant(lowest, x.dtype), shifted)
+    if isinstance(axis, int):
+        # One fused kernel per backend instead of exp, sum, log, subtract.
+        log_p = ops.log_softmax(shifted, axis=axis)
+        # A fully masked row came out uniform; adding L takes its mass away
+        # (and adds -0.0, exactly nothing, to every other row).
+        return log_p + ops.cast(empty, x.dtype) * lowest
+    # The largest shifted entry is exactly 0, so the sum is >= 1 except in
+    # a fully masked row, whose entries are already L.
+    total = ops.sum(ops.exp(shifted), axis=axis, keepdims=True)
+    return shifted - ops.log(ops.where(empty, 1.0, total))
+
+
 def log_probabilities(x, from_logits=True, temperature=1.0, axis=-1):
     """Normalized log-probabilities of logits or probabilities.
 
-    `-inf` entries (masked logits, zero probabilities) stay `-inf`; a row
-    whose entries are all `-inf` gives a row of `-inf` without NaN.
+    Entries with no mass (masked `-inf` logits, zero probabilities, and
+    log-probabilities below the dtype's lowest finite value) are `-inf`; a
+    row whose entries are all `-inf` gives a row of `-inf` without NaN. A
+    NaN anywhere in a row makes the whole row NaN.
 
     Args:
         x: logits (`from_logits=True`) or probabilities.
@@ -109,95 +200,12 @@ def log_probabilities(x, from_logits=True, temperature=1.0, axis=-1):
         `log_softmax(x / temperature)` along `axis`, same shape as `x`.
     """
     temperature = validate_temperature(temperature)
-    x = _as_float(x)
-    if not from_logits:
-        x = _safe_log(x)
-    return _log_softmax(x, axis, temperature)
+    log_p = _finite_log_probabilities(
+        _as_float(x), from_logits, temperature, axis
+    )
+    return ops.where(log_p == _lowest(log_p.dtype), -math.inf, log_p)
 
 
-def _safe_log(p):
-    # log(0) = -inf by intent (no mass), without warnings or NaN gradients.
-    positive = p > 0
-    return ops.where(positive, ops.log(ops.where(positive, p, 1.0)), -math.inf)
-
-
-def _log_softmax(x, axis, temperature=1.0):
-    # -inf is swapped for the dtype's lowest finite value before
-    # normalizing: exp() of it still underflows to exactly 0, but a fully
-    # masked row no longer computes -inf - (-inf) = NaN.
-    masked = x == -math.inf
-    safe = ops.where(masked, _lowest(x.dtype), x)
-    # The row maximum is subtracted before the temperature divides and
-    # before normalizing, so that log-probabilities are accurate to float32
-    # rounding of the result itself: `x / T - logsumexp(x / T)` would round
-    # at the magnitude of x (1e-3 absolute for logits near 1e4).
-    top = ops.max(safe, axis=axis, keepdims=True)
-    shifted = _scale(safe - ops.stop_gradient(top), temperature)
-    if isinstance(axis, int):
-        # One fused kernel per backend instead of exp, sum, log, subtract:
-        # the same value, a fraction of the eager-mode overhead on torch.
-        log_p = ops.log_softmax(shifted, axis=axis)
-    else:
-        total = ops.sum(ops.exp(shifted), axis=axis, keepdims=True)
-        log_p = shifted - ops.log(total)
-    return ops.where(masked, -math.inf, log_p)
-
-
-def finite_log_probabilities(x, from_logits=True, temperature=1.0, axis=-1):
-    """Like `log_probabilities`, but masked entries get a finite log.
-
-    A masked entry (`-inf` logit, zero probability) gets about the dtype's
-    lowest finite value instead of `-inf`, so `exp()` of it is exactly 0
-    and `p * (log p - log q)` needs no `where` to give 0 there: divergences
-    built on this run fewer kernels, with the same values and gradients.
-    Not for display: read such entries as "no mass", not as numbers.
-    """
-    temperature = validate_temperature(temperature)
-    x = _as_float(x)
-    if not from_logits:
-        x = _safe_log(x)
-    if isinstance(temperature, float) and temperature == 1.0:
-        # Nothing to divide: the fused log_softmax shifts by itself.
-        shifted = x
-    else:
-        top = ops.max(x, axis=axis, keepdims=True)
-        # Only the small [..., 1] tensor needs a guard: a fully masked row
-        # would otherwise compute -inf - (-inf).
-        top = ops.where(top > -math.inf, top, 0.0)
-        # Shift before dividing by T, as in `_log_softmax`, for accuracy at
-        # large logits.
-        shifted = _scale(x - ops.stop_gradient(top), temperature)
-    # The clamp turns -inf (and an overflow of lowest / T) into a finite
-    # value whose gradient is 0.
-    shifted = ops.maximum(shifted, _lowest(x.dtype))
-    if isinstance(axis, int):
-        return ops.log_softmax(shifted, axis=axis)
-    total = ops.sum(ops.exp(shifted), axis=axis, keepdims=True)
-    return shifted - ops.log(total)
-
-
-def _lowest(dtype):
-    if keras.backend.standardize_dtype(dtype) == "float64":
-        return -1.7976931348623157e308
-    return -3.4028234663852886e38
-
-
-def _plogp_ratio(log_p, log_q):
-    """`p * (log p - log q)` elementwise, with `0 * log 0 = 0`.
-
-    Where `p == 0` the term is 0 whatever `q` is; the masked branch never sees
-    an infinity, so gradients stay finite.
-    """
-    has_mass = log_p > -math.inf
-    log_p_safe = ops.where(has_mass, log_p, 0.0)
-    log_q_safe = ops.where(has_mass, log_q, 0.0)
-    term = ops.exp(log_p_safe) * (log_p_safe - log_q_safe)
-    return ops.where(has_mass, term, 0.0)
-
-
-def _plogq(log_p, log_q):
-    """`p * log q` elementwise, with the term 0 wherever `p == 0`."""
-    has_mass = log_p > -math.inf
-    log_p_safe = ops.where(has_mass, log_p, 0.0)
-    log_q_safe = ops.where(has_mass, log_q, 0.0)
-    return ops.where(has_mass, ops.exp(log_p_safe) * log_q_safe, 0.0)
+def _finite_log_probabilities(x, from_logits, temperature, axis):
+    """`_log_softmax` of logits or probabilities (no mass is exactly `L`)."""
+    return _log_softmax(_logits_of(x, from_logits), axis, temperature)

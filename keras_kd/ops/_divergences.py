@@ -7,17 +7,28 @@ from keras import ops
 
 from keras_kd.ops._core import (
     _as_float,
+    _finite_log_probabilities,
     _pair,
-    _plogp_ratio,
-    _plogq,
     _times_t_squared,
-    finite_log_probabilities,
-    log_probabilities,
     validate_beta,
     validate_temperature,
 )
 
 # ------------------------------------------------------------- divergences
+#
+# All of these work on `_finite_log_probabilities`: an entry with no mass has
+# the log `L` (the dtype's lowest value), `exp(L)` is exactly 0, and
+# differences of logs stay finite, so `p * (log p - log q)` is exactly 0
+# where `p == 0` without a `where`, a NaN in a row reaches the row's value,
+# and gradients are finite.
+
+
+def _logs(y_true, y_pred, from_logits, temperature, axis):
+    y_true, y_pred = _pair(y_true, y_pred)
+    return (
+        _finite_log_probabilities(y_true, from_logits, temperature, axis),
+        _finite_log_probabilities(y_pred, from_logits, temperature, axis),
+    )
 
 
 def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
@@ -36,7 +47,10 @@ def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
     loss = T**2 * sum(P * (log P - log Q), axis=axis)
     ```
 
-    Terms where `P == 0` contribute exactly 0.
+    Terms where `P == 0` contribute exactly 0, and a fully masked target
+    row contributes 0. A NaN anywhere in a row of either input gives NaN
+    for that row. Where `P` has mass and `Q` has none the value is infinite
+    in the math; it comes out as `+inf` or as a value near the float maximum.
 
     Args:
         y_true: target logits (or probabilities), e.g. the teacher's.
@@ -48,7 +62,8 @@ def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
 
     Returns:
         The divergence with `axis` removed, e.g. `[batch]` for
-        `[batch, classes]` inputs.
+        `[batch, classes]` inputs, in the inputs' dtype (float32 for half
+        precision).
 
     Example:
 
@@ -59,16 +74,8 @@ def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
         2015. https://arxiv.org/abs/1503.02531
     """
     temperature = validate_temperature(temperature)
-    y_true, y_pred = _pair(y_true, y_pred)
-    log_p = finite_log_probabilities(y_true, from_logits, temperature, axis)
-    log_q = finite_log_probabilities(y_pred, from_logits, temperature, axis)
-    # Finite logs: where p == 0, exp(log_p) is exactly 0 and so is the term.
+    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
     value = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
-    # A fully masked teacher row was made uniform to stay finite; it has no
-    # mass and contributes 0. The test runs on the reduced tensor only.
-    empty = -math.inf if from_logits else 0.0
-    row_has_mass = ops.max(y_true, axis=axis) > empty
-    value = ops.where(row_has_mass, value, 0.0)
     return _times_t_squared(value, temperature)
 
 
@@ -83,10 +90,13 @@ def entropy(y_true, from_logits=True, temperature=1.0, axis=-1):
         axis: the class axis, summed away.
 
     Returns:
-        The entropy with `axis` removed.
+        The entropy with `axis` removed (0 for a fully masked row).
     """
-    log_p = log_probabilities(y_true, from_logits, temperature, axis)
-    return -ops.sum(_plogq(log_p, log_p), axis=axis)
+    temperature = validate_temperature(temperature)
+    log_p = _finite_log_probabilities(
+        _as_float(y_true), from_logits, temperature, axis
+    )
+    return -ops.sum(ops.exp(log_p) * log_p, axis=axis)
 
 
 def cross_entropy(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
@@ -104,10 +114,9 @@ def cross_entropy(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
     Returns:
         The cross-entropy with `axis` removed.
     """
-    y_true, y_pred = _pair(y_true, y_pred)
-    log_p = log_probabilities(y_true, from_logits, temperature, axis)
-    log_q = log_probabilities(y_pred, from_logits, temperature, axis)
-    return -ops.sum(_plogq(log_p, log_q), axis=axis)
+    temperature = validate_temperature(temperature)
+    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
+    return -ops.sum(ops.exp(log_p) * log_q, axis=axis)
 
 
 def symmetric_kl_divergence(
@@ -137,13 +146,13 @@ def symmetric_kl_divergence(
         The divergence with `axis` removed.
     """
     temperature = validate_temperature(temperature)
-    y_true, y_pred = _pair(y_true, y_pred)
-    log_p = log_probabilities(y_true, from_logits, temperature, axis)
-    log_q = log_probabilities(y_pred, from_logits, temperature, axis)
-    value = ops.sum(
-        _plogp_ratio(log_p, log_q) + _plogp_ratio(log_q, log_p), axis=axis
-    )
+    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
+    value = _symmetric_kl_of_logs(log_p, log_q, axis)
     return _times_t_squared(value, temperature)
+
+
+def _symmetric_kl_of_logs(log_p, log_q, axis=-1):
+    return ops.sum((ops.exp(log_p) - ops.exp(log_q)) * (log_p - log_q), axis)
 
 
 def jensen_shannon_divergence(
@@ -162,7 +171,7 @@ def jensen_shannon_divergence(
     `T**2`). The interior formula tends to 0 at both ends, so the end points
     are defined explicitly as in GKD: `beta = 0` is the forward
     `KL(P || Q)` and `beta = 1` the reverse `KL(Q || P)`. The mixture is
-    formed in log space with `logsumexp`, never from probabilities.
+    formed in log space, never from probabilities.
 
     Args:
         y_true: target logits (or probabilities) `P`, e.g. the teacher's.
@@ -186,29 +195,25 @@ def jensen_shannon_divergence(
         return kl_divergence(y_true, y_pred, from_logits, temperature, axis)
     if beta == 1.0:
         return kl_divergence(y_pred, y_true, from_logits, temperature, axis)
-    y_true, y_pred = _pair(y_true, y_pred)
-    log_p = log_probabilities(y_true, from_logits, temperature, axis)
-    log_q = log_probabilities(y_pred, from_logits, temperature, axis)
+    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
     log_m = _log_mixture(log_p, log_q, beta)
-    value = beta * ops.sum(_plogp_ratio(log_p, log_m), axis=axis) + (
+    value = beta * ops.sum(ops.exp(log_p) * (log_p - log_m), axis=axis) + (
         1.0 - beta
-    ) * ops.sum(_plogp_ratio(log_q, log_m), axis=axis)
+    ) * ops.sum(ops.exp(log_q) * (log_q - log_m), axis=axis)
     return _times_t_squared(value, temperature)
 
 
 def _log_mixture(log_p, log_q, beta):
-    # log(beta * P + (1 - beta) * Q) by a two-term logsumexp. M > 0 wherever
-    # P > 0 or Q > 0, and only those entries are ever read.
+    # log(beta * P + (1 - beta) * Q) by a two-term logsumexp of finite logs:
+    # `high - low` never overflows, and an entry where neither has mass
+    # stays at about L. `where`, not `ops.maximum`, which computes float64
+    # in float32 on torch.
     a = log_p + math.log(beta)
     b = log_q + math.log1p(-beta)
-    high = ops.maximum(a, b)
-    low = ops.minimum(a, b)
-    finite = high > -math.inf
-    high_safe = ops.where(finite, high, 0.0)
-    low_safe = ops.where(finite, low, 0.0)
-    return ops.where(
-        finite, high_safe + ops.log1p(ops.exp(low_safe - high_safe)), -math.inf
-    )
+    a_lower = a < b
+    high = ops.where(a_lower, b, a)
+    low = ops.where(a_lower, a, b)
+    return high + ops.log1p(ops.exp(low - high))
 
 
 # ------------------------------------------------------------------ R-Drop

@@ -5,21 +5,33 @@ import math
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.ops._core import (
+    _log_softmax,
+    _lowest,
     _pair,
-    _plogp_ratio,
+    _reduce_max,
     _times_t_squared,
-    log_probabilities,
+    _weight,
     validate_temperature,
 )
 
 
 def _target_mask(labels, logits, axis):
-    """Boolean one-hot of the target class, shaped like `logits`."""
+    """Boolean one-hot of the target class, shaped like `logits`, and
+    whether each label is a class index (shaped like the logits without
+    the class axis).
+
+    A label outside `[0, classes)` (or NaN) gives an all-False mask row and
+    `valid == False`: the callers return NaN for that row, the same on every
+    backend (a one-hot op raises on torch and silently gives zeros on
+    TensorFlow and JAX).
+    """
     if axis not in (-1, len(logits.shape) - 1):
-        raise ValueError(
-            "Invalid value for argument `axis`. Decoupled KD expects the "
-            f"classes on the last axis. Received: axis={axis}"
+        raise _checks.invalid(
+            "axis",
+            "the last axis (Decoupled KD expects the classes there)",
+            axis,
         )
     labels = ops.convert_to_tensor(labels)
     classes = logits.shape[-1]
@@ -37,29 +49,37 @@ def _target_mask(labels, logits, axis):
             f"{tuple(labels.shape)}, logits.shape={tuple(logits.shape)}"
         )
     if not keras.backend.is_int_dtype(labels.dtype):
-        labels = ops.cast(ops.round(labels), "int32")
-    return ops.one_hot(labels, classes, dtype="bool")
+        labels = ops.round(labels)
+    valid = ops.logical_and(labels >= 0, labels < classes)
+    labels = ops.cast(ops.where(valid, labels, 0), "int32")
+    mask = ops.expand_dims(labels, -1) == ops.arange(classes, dtype="int32")
+    return ops.logical_and(mask, ops.expand_dims(valid, -1)), valid
+
+
+def _where_valid(valid, value):
+    return ops.where(valid, value, math.nan)
 
 
 def _log_binary(log_p, mask):
-    """`[log p_target, log (1 - p_target)]` from log-probabilities.
+    """`[log p_target, log (1 - p_target)]` from finite log-probabilities.
 
     `log(1 - p_target)` is the logsumexp of the other classes'
     log-probabilities: no `1 - p` is formed, so it stays accurate when the
-    target holds nearly all the mass.
+    target holds nearly all the mass. Entries without mass are the dtype's
+    lowest value `L` (see `_log_softmax`), so the logsumexp needs no guard:
+    when no other class has mass it is `L + log(count)`, which is `L`.
     """
+    lowest = _lowest(log_p.dtype)
     log_target = ops.sum(ops.where(mask, log_p, 0.0), axis=-1)
-    others = ops.where(mask, -math.inf, log_p)
-    top = ops.max(others, axis=-1, keepdims=True)
-    finite = top > -math.inf
-    top = ops.stop_gradient(ops.where(finite, top, 0.0))
+    others = ops.where(mask, ops.convert_to_tensor(lowest, log_p.dtype), log_p)
+    top = ops.stop_gradient(_reduce_max(others, -1))
     total = ops.sum(ops.exp(others - top), axis=-1)
-    finite = ops.squeeze(finite, axis=-1)
-    safe_total = ops.where(finite, total, 1.0)
-    log_rest = ops.where(
-        finite, ops.log(safe_total) + ops.squeeze(top, axis=-1), -math.inf
-    )
+    log_rest = ops.squeeze(top, axis=-1) + ops.log(total)
     return ops.stack([log_target, log_rest], axis=-1)
+
+
+def _kl_of_logs(log_p, log_q):
+    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
@@ -75,7 +95,8 @@ def target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
     Args:
         y_true: teacher logits `[..., classes]`.
         y_pred: student logits, same shape.
-        labels: target class indices `[...]` (or one-hot labels).
+        labels: target class indices `[...]` (or one-hot labels). A row
+            whose label is not in `[0, classes)` gives NaN.
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
 
@@ -84,10 +105,10 @@ def target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
     """
     temperature = validate_temperature(temperature)
     y_true, y_pred = _pair(y_true, y_pred)
-    mask = _target_mask(labels, y_true, axis)
-    b_true = _log_binary(log_probabilities(y_true, True, temperature), mask)
-    b_pred = _log_binary(log_probabilities(y_pred, True, temperature), mask)
-    value = ops.sum(_plogp_ratio(b_true, b_pred), axis=-1)
+    mask, valid = _target_mask(labels, y_true, axis)
+    b_true = _log_binary(_log_softmax(y_true, -1, temperature), mask)
+    b_pred = _log_binary(_log_softmax(y_pred, -1, temperature), mask)
+    value = _where_valid(valid, _kl_of_logs(b_true, b_pred))
     return _times_t_squared(value, temperature)
 
 
@@ -107,7 +128,8 @@ def non_target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
     Args:
         y_true: teacher logits `[..., classes]`.
         y_pred: student logits, same shape.
-        labels: target class indices `[...]` (or one-hot labels).
+        labels: target class indices `[...]` (or one-hot labels). A row
+            whose label is not in `[0, classes)` gives NaN.
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
 
@@ -116,15 +138,17 @@ def non_target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
     """
     temperature = validate_temperature(temperature)
     y_true, y_pred = _pair(y_true, y_pred)
-    mask = _target_mask(labels, y_true, axis)
-    log_p = log_probabilities(
-        ops.where(mask, -math.inf, y_true), True, temperature
-    )
-    log_q = log_probabilities(
-        ops.where(mask, -math.inf, y_pred), True, temperature
-    )
-    value = ops.sum(_plogp_ratio(log_p, log_q), axis=-1)
+    mask, valid = _target_mask(labels, y_true, axis)
+    log_p = _log_softmax(_drop_target(y_true, mask), -1, temperature)
+    log_q = _log_softmax(_drop_target(y_pred, mask), -1, temperature)
+    value = _where_valid(valid, _kl_of_logs(log_p, log_q))
     return _times_t_squared(value, temperature)
+
+
+def _drop_target(logits, mask):
+    # A NaN target logit is kept: NaN anywhere in a row gives NaN.
+    drop = ops.logical_and(mask, ops.logical_not(ops.isnan(logits)))
+    return ops.where(drop, -math.inf, logits)
 
 
 def decoupled_kd(
@@ -149,7 +173,8 @@ def decoupled_kd(
     Args:
         y_true: teacher logits `[..., classes]`.
         y_pred: student logits, same shape.
-        labels: target class indices `[...]` (or one-hot labels).
+        labels: target class indices `[...]` (or one-hot labels). A row
+            whose label is not in `[0, classes)` gives NaN.
         alpha: weight of TCKD (1.0 in the paper).
         beta: weight of NCKD (8.0 in the paper for CIFAR-100).
         temperature: softening temperature `T > 0`.
@@ -162,6 +187,7 @@ def decoupled_kd(
         Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation.
         CVPR 2022. https://arxiv.org/abs/2203.08679
     """
+    alpha, beta = _weight("alpha", alpha), _weight("beta", beta)
     tckd = target_class_kd(y_true, y_pred, labels, temperature, axis)
     nckd = non_target_class_kd(y_true, y_pred, labels, temperature, axis)
     return alpha * tckd + beta * nckd

@@ -3,11 +3,13 @@ multi-label categorical crossentropy, dense and sparse."""
 
 import math
 
+import keras
 from keras import ops
 
 from keras_kd.ops._core import (
     _as_float,
     _pair,
+    _reduce_max,
     _scale,
     _times_t_squared,
     validate_temperature,
@@ -38,7 +40,8 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     identities of one smooth function, so the gradient is right everywhere,
     the switch `s == t` and `s == 0` included, for logits of any size
     (also the `-1e12` GlobalPointer uses for masked spans). Entries that are
-    `-inf` in either input are masked: they contribute 0.
+    `-inf` in either input are masked: they contribute 0, unless the other
+    input is NaN there (a NaN always gives NaN).
 
     Args:
         y_true: logits `t`.
@@ -50,7 +53,11 @@ def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
     """
     temperature = validate_temperature(temperature)
     t, s = _pair(y_true, y_pred)
-    masked = ops.logical_or(s == -math.inf, t == -math.inf)
+    # `s + t` is NaN where either is NaN (or they are opposite infinities).
+    masked = ops.logical_and(
+        ops.logical_or(s == -math.inf, t == -math.inf),
+        ops.logical_not(ops.isnan(s + t)),
+    )
     s = ops.where(masked, 0.0, s)
     t = ops.where(masked, 0.0, t)
     s, t = _scale(s, temperature), _scale(t, temperature)
@@ -118,7 +125,8 @@ def multilabel_categorical_crossentropy(y_true, y_pred, axis=None):
     ```
 
     Each positive is pushed above 0 and each negative below 0. Entries whose
-    logit is `-inf` (masked) contribute nothing, even if labelled positive.
+    logit is `-inf` (masked) contribute nothing, whatever their label. A NaN
+    logit or a NaN label of an unmasked entry gives NaN for its label set.
 
     Args:
         y_true: 0/1 labels, same shape as `y_pred`.
@@ -138,11 +146,15 @@ def multilabel_categorical_crossentropy(y_true, y_pred, axis=None):
     y_true, y_pred = _pair(y_true, y_pred)
     axis = _label_axes(y_pred, axis)
     positive = y_true > 0.5
-    usable = y_pred > -math.inf
-    logits = ops.where(usable, y_pred, 0.0)
+    # `== -inf`, not `> -inf`: a NaN logit must stay in the sums.
+    masked = y_pred == -math.inf
+    # A NaN label is neither positive nor negative: it poisons the set.
+    logits = ops.where(ops.isnan(y_true), math.nan, y_pred)
     # A masked entry is excluded from both sums, whatever its label.
-    neg = ops.where(ops.logical_and(usable, ~positive), logits, -math.inf)
-    pos = ops.where(ops.logical_and(usable, positive), -logits, -math.inf)
+    neg = ops.where(ops.logical_or(masked, positive), -math.inf, logits)
+    pos = ops.where(
+        ops.logical_and(ops.logical_not(masked), positive), -logits, -math.inf
+    )
     return _log1p_sum_exp(neg, axis) + _log1p_sum_exp(pos, axis)
 
 
@@ -150,13 +162,13 @@ def _log1p_sum_exp(x, axis):
     """`log(1 + sum(exp(x)))` over `axis`, stable, `-inf` entries ignored."""
     if isinstance(axis, int):
         axis = (axis,)
-    top = ops.max(x, axis=axis, keepdims=True)
+    top = _reduce_max(x, axis)
     # Shift by max(top, 0) so that no exp() overflows; a set with no finite
-    # entry (all masked) shifts by 0. The shift is a constant: the value
-    # does not depend on it, and its gradient must not either.
-    high = ops.stop_gradient(
-        ops.maximum(ops.where(top > -math.inf, top, 0.0), 0.0)
-    )
+    # entry (all masked) shifts by 0, and so does a NaN set, whose sum is
+    # NaN anyway. The shift is a constant: the value does not depend on it,
+    # and its gradient must not either. (`where`, not `ops.maximum`, which
+    # computes float64 in float32 on torch.)
+    high = ops.stop_gradient(ops.where(top > 0, top, 0.0))
     total = ops.squeeze(
         ops.sum(ops.exp(x - high), axis=axis, keepdims=True), axis=axis
     )
@@ -185,7 +197,9 @@ def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero=False):
             axis of `y_pred` (for GlobalPointer, flatten the span grid:
             index `start * length + end`). Padding entries are `-1`, or `0`
             when `mask_zero=True` (then index 0 cannot be a positive).
-            Repeated indices count once.
+            Repeated indices count once. A row holding any other value
+            (an index `>= num_classes`, a negative index other than `-1`, a
+            non-integer or NaN) gives NaN, never a finite wrong value.
         y_pred: logits `[..., num_classes]` (for GlobalPointer, reshape
             `[batch, heads, length, length]` to `[batch, heads, length**2]`).
         mask_zero: whether index 0 marks padding.
@@ -195,9 +209,26 @@ def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero=False):
     """
     y_pred = _as_float(y_pred)
     positive = _positives_mask(y_true, y_pred, mask_zero)
-    return multilabel_categorical_crossentropy(
+    value = multilabel_categorical_crossentropy(
         ops.cast(positive, y_pred.dtype), y_pred, axis=-1
     )
+    valid = _sparse_rows_valid(y_true, y_pred.shape[-1], mask_zero)
+    return ops.where(valid, value, math.nan)
+
+
+def _sparse_rows_valid(indices, num_classes, mask_zero):
+    """Whether each row of sparse labels holds only padding and indices in
+    `[0, num_classes)`. Checked before any cast to int: a float label (a
+    Keras `Loss` converts `y_true` to its dtype) that is NaN or not whole
+    must not turn into some valid index."""
+    indices = ops.convert_to_tensor(indices)
+    padding = indices == -1
+    if mask_zero:
+        padding = ops.logical_or(padding, indices == 0)
+    in_range = ops.logical_and(indices >= 0, indices < num_classes)
+    if not keras.backend.is_int_dtype(indices.dtype):
+        in_range = ops.logical_and(in_range, indices == ops.floor(indices))
+    return ops.all(ops.logical_or(padding, in_range), axis=-1)
 
 
 def _positives_mask(indices, logits, mask_zero):
@@ -217,8 +248,12 @@ def _positives_mask(indices, logits, mask_zero):
             f"last. Received: y_true.shape={tuple(indices.shape)}, "
             f"y_pred.shape={tuple(logits.shape)}"
         )
-    valid = indices > 0 if mask_zero else indices >= 0
-    # Padding goes to an extra column that is dropped afterwards.
+    valid = ops.logical_and(
+        indices > 0 if mask_zero else indices >= 0, indices < num_classes
+    )
+    # Padding goes to an extra column that is dropped afterwards, and so do
+    # out-of-range indices, which some backends' scatter would reject
+    # (`_sparse_rows_valid` flags their rows).
     columns = ops.where(valid, indices, num_classes)
     columns = ops.reshape(columns, (-1, indices.shape[-1]))
     rows = ops.shape(columns)[0]
