@@ -50,7 +50,13 @@ def _feature_symbol(model, path, role):
     head, _, key = path.partition("/")
     try:
         layer = model.get_layer(head)
-        output = layer.output
+        # The output of the layer's call in `model`'s graph. A nested
+        # Functional model's own `output` property names its inner graph's
+        # outputs instead, which a view would compute a second time.
+        output = keras.Operation.output.fget(layer)
+        if keras.tree.is_nested(layer.output):
+            flat = output if isinstance(output, (list, tuple)) else [output]
+            output = keras.tree.pack_sequence_as(layer.output, list(flat))
     except (ValueError, AttributeError) as error:
         raise ValueError(
             f"Invalid value for argument `features`. Expected names of "

@@ -129,7 +129,7 @@ class Distiller(keras.Model):
         frozen = list(getattr(self, "_frozen_models", []))
         student_vars = {id(v): v for v in self.student.variables}
         for i, teacher in enumerate(teachers):
-            label = name if len(teachers) == 1 else f"{name}[{i}]"
+            label = name if name == "teacher" else f"{name}[{i}]"
             _checks.model(label, teacher)
             if teacher is self.student or any(teacher is f for f in frozen):
                 raise _checks.invalid(
