@@ -190,19 +190,22 @@ def test_masked_outputs_with_sample_weight_give_each_loss_its_own_weights():
     distiller = keras_kd.Distiller(student, teacher)
     distiller.compile("sgd", loss=sparse_ce(), alpha=0.5)
     logs = distiller.evaluate(
-        tokens, labels, sample_weight=weights, batch_size=8, return_dict=True,
+        tokens,
+        labels,
+        sample_weight=weights,
+        batch_size=8,
+        return_dict=True,
         verbose=0,
     )
     np.testing.assert_allclose(logs["student_loss"], expected, rtol=1e-5)
     # The distillation term: mean over real tokens of w * KL.
-    kl = kl_per_row(teacher.predict(tokens, verbose=0),
-                    student.predict(tokens, verbose=0))
+    kl = kl_per_row(
+        teacher.predict(tokens, verbose=0), student.predict(tokens, verbose=0)
+    )
     real = tokens > 0
     reference = (kl * weights * real).sum() / real.sum()
     # Small KL values (1e-3) carry float32 cancellation of ~1e-4.
-    np.testing.assert_allclose(
-        logs["distillation_loss"], reference, rtol=3e-4
-    )
+    np.testing.assert_allclose(logs["distillation_loss"], reference, rtol=3e-4)
     history = distiller.fit(
         tokens, labels, sample_weight=weights, batch_size=4, verbose=0
     ).history
@@ -213,15 +216,22 @@ def test_sample_weight_without_labels_weights_the_distillation():
     teacher, student = pair()
     x, _ = data(16)
     w = np.linspace(0.0, 2.0, 16).astype("float32")
-    kl = kl_per_row(teacher.predict(x, verbose=0), student.predict(x, verbose=0))
+    kl = kl_per_row(
+        teacher.predict(x, verbose=0), student.predict(x, verbose=0)
+    )
     expected = float((w * kl).sum() / len(x))
     distiller = keras_kd.Distiller(student, teacher)
     distiller.compile(keras.optimizers.SGD(0.0))
     logs = distiller.fit(
-        x, sample_weight=w, batch_size=16, verbose=0,
+        x,
+        sample_weight=w,
+        batch_size=16,
+        verbose=0,
         validation_data=(x, None, w),
     ).history
-    np.testing.assert_allclose(logs["distillation_loss"][0], expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["distillation_loss"][0], expected, rtol=1e-5
+    )
     np.testing.assert_allclose(logs["loss"][0], expected, rtol=1e-5)
     np.testing.assert_allclose(
         logs["val_distillation_loss"][0], expected, rtol=1e-5
@@ -254,7 +264,9 @@ def test_single_output_teacher_for_a_two_output_student():
     logs = distiller.fit(x, batch_size=16, verbose=0).history
     head = student.predict(x, verbose=0)[0]
     expected = kl_per_row(teacher.predict(x, verbose=0), head).mean()
-    np.testing.assert_allclose(logs["distillation_loss"][0], expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["distillation_loss"][0], expected, rtol=1e-5
+    )
 
 
 def test_each_model_receives_its_own_inputs_by_name():
@@ -278,7 +290,9 @@ def test_each_model_receives_its_own_inputs_by_name():
         distiller.predict(x, verbose=0), student_out, rtol=1e-6
     )
     expected = kl_per_row(teacher.predict(x, verbose=0), student_out).mean()
-    np.testing.assert_allclose(logs["distillation_loss"][0], expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["distillation_loss"][0], expected, rtol=1e-5
+    )
 
 
 # ------------------------------------------------------- feature distiller
