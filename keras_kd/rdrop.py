@@ -3,39 +3,31 @@
 import inspect
 
 import keras
+import numpy as np
 from keras import ops, tree
 
+from keras_kd import _checks
+from keras_kd import _keras_compat as compat
 from keras_kd import losses as kd_losses
 from keras_kd.api import export
-from keras_kd.losses.rdrop import validate_alpha
 
-try:
-    # The Keras mask of a tensor (from `Embedding(mask_zero=True)` and
-    # friends). JAX arrays cannot carry attributes, so Keras keeps their
-    # masks in a side table that only this accessor reads.
-    from keras.src.backend import get_keras_mask as _get_keras_mask
-except ImportError:  # pragma: no cover - depends on the Keras version
-
-    def _get_keras_mask(x):
-        return getattr(x, "_keras_mask", None)
-
-
-def _repeat_pairs(structure):
-    """`[a, b, ...] -> [a, a, b, b, ...]` along axis 0 of every tensor."""
-    return tree.map_structure(
-        lambda t: None if t is None else ops.repeat(t, 2, axis=0), structure
-    )
+# `divergence="..."`: R-Drop's KL is symmetric, so "kl" is the symmetric KL.
+DIVERGENCE_ALIASES = {
+    "kl": lambda: kd_losses.SymmetricKLDivergence(from_logits=True),
+    "symmetric_kl": lambda: kd_losses.SymmetricKLDivergence(from_logits=True),
+    "global_pointer": lambda: kd_losses.GlobalPointerKLDivergence(),
+}
 
 
 @export
 class RDrop(keras.Model):
     """Trains `model` with R-Drop: each example twice, in one forward pass.
 
-    While training, every batch `[x0, x1, ...]` becomes the interleaved batch
-    `[x0, x0, x1, x1, ...]` inside the model and goes through `model` once,
-    so dropout draws two different sub-networks for each example. The
-    compiled loss is applied to both copies (labels and sample weights are
-    repeated), and the symmetric divergence of each pair is added:
+    While training, `call` turns the batch `[x0, x1, ...]` into `[x0, x0,
+    x1, x1, ...]` and runs `model` on it once: dropout draws two sub-networks
+    per example. The compiled loss covers both copies and the divergence of
+    each pair is added (per pair, the paper's `(CE1 + CE2 + alpha / 2 *
+    (KL12 + KL21)) / 2`, so `alpha` is the paper's alpha).
 
     Formula:
 
@@ -44,49 +36,28 @@ class RDrop(keras.Model):
            + alpha / 4 * mean_pairs(KL(p1 || p2) + KL(p2 || p1))
     ```
 
-    Per pair this is `(CE1 + CE2 + alpha / 2 * (KL12 + KL21)) / 2`: the
-    paper's loss for one example divided by its two rows. So `alpha` is the
-    paper's alpha, the official fairseq criterion's `--reg-alpha` (which
-    sums both terms over the pairs and divides by the number of tokens of
-    one copy, i.e. twice this loss for the same alpha) and the alpha of
-    Su's bert4keras `categorical_crossentropy_with_rdrop`. The official
-    README snippet averages CE over the batch but sums the KL over it; its
-    alpha corresponds to `alpha = 2 * batch_size * alpha_readme` here.
+    Only the arguments tell a training step: `training=True` and a `y_pred`
+    with twice the rows of `x`. Compiled metrics see one copy per example;
+    `evaluate` and `predict` run `model` once. `rdrop_divergence` (history)
+    is the divergence before `alpha / 4`, averaged over the epoch's examples.
 
-    `evaluate` and `predict` run `model` once on the batch as it is. Compiled
-    metrics see one copy of each example. The history carries `loss` (the
-    total) and `rdrop_divergence` (the mean pair divergence, before
-    `alpha / 4`). Duplicating every example leaves the mean and variance of
-    a batch unchanged, so `BatchNormalization` statistics are unaffected.
+    The divergence goes through `keras.losses.Loss.__call__`: the output's
+    Keras mask and `sample_weight` weigh it as they weigh a compiled loss.
+    `divergence=None` infers it from the compiled loss (categorical
+    crossentropies: `SymmetricKLDivergence(from_logits=...)`; multi-label
+    or logits binary crossentropies: `GlobalPointerKLDivergence()`; others
+    raise). Otherwise: `"kl"` / `"symmetric_kl"` (`SymmetricKLDivergence(
+    from_logits=True)`), `"global_pointer"`, a `keras.losses.Loss` (its
+    reduction applies), a function `(a, b) -> value per row`, or a list or
+    dict of these, one per output.
 
-    The divergence:
-
-    - `divergence=None` infers it from the compiled loss when training
-      starts: `SymmetricKLDivergence(from_logits=loss.from_logits)` for
-      categorical crossentropies (a string loss such as
-      `"sparse_categorical_crossentropy"` means probabilities, as in Keras);
-      `GlobalPointerKLDivergence()` for `MultilabelCategoricalCrossentropy`
-      and its sparse form, and for a binary crossentropy of logits. Other
-      losses raise a `ValueError`: pass `divergence` explicitly, so that
-      logits are never mistaken for probabilities.
-    - Otherwise a `keras.losses.Loss` (its unreduced `call` is used: RDrop
-      reduces it) or a function `(a, b) -> value` with the class axis
-      removed. For several outputs, one divergence for all, or a list/dict
-      matching the outputs.
-
-    Masks: for sequence outputs `[batch, length, classes]` the divergence is
-    per token and averaged like the compiled loss: padded tokens (the Keras
-    mask of the output, e.g. from `Embedding(mask_zero=True)`, or a zero
-    `sample_weight` of shape `[batch, length]`) contribute nothing to either
-    term. GlobalPointer logits carry their mask as `-inf`.
-
-    Unlabeled data: with `compile(loss=None)`, or when the data has no
-    targets, the objective is the divergence alone (plus any `add_loss`
-    terms): consistency regularization for semi-supervised training.
+    Without targets or compiled loss, the objective is the divergence alone
+    (plus `add_loss` terms); `fit(x, sample_weight=w)` and batches `(x,
+    None, w)` weigh the examples.
 
     Args:
         model: the `keras.Model` to train; used as is for inference.
-        alpha: weight of the consistency term, `>= 0`.
+        alpha: weight of the consistency term, a finite number `>= 0`.
         divergence: see above; `None` infers it from the compiled loss.
         **kwargs: passed on to `keras.Model` (e.g. `name`).
 
@@ -94,12 +65,8 @@ class RDrop(keras.Model):
 
     ```python
     rdrop = keras_kd.RDrop(model, alpha=4.0)
-    rdrop.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["sparse_categorical_accuracy"],
-    )
-    rdrop.fit(x, y, epochs=3)  # history: loss, rdrop_divergence, accuracy
+    rdrop.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    rdrop.fit(x, y, epochs=3)  # history: loss, rdrop_divergence
     model.predict(x)           # the trained model, a single pass
     ```
 
@@ -110,28 +77,32 @@ class RDrop(keras.Model):
 
     def __init__(self, model, alpha=1.0, divergence=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(model, keras.Model):
-            raise ValueError(
-                "Invalid value for argument `model`. Expected a "
-                f"`keras.Model`. Received: model={model}"
-            )
-        self.model = model
-        self.alpha = validate_alpha(alpha)
+        self.model = _checks.model("model", model)
+        self.alpha = _checks.non_negative("alpha", alpha)
         self.divergence = divergence
-        self.divergence_tracker = keras.metrics.Mean(name="rdrop_divergence")
-        self._paired = False
+        # Resolved now so that a bad value fails here, not in `fit`.
+        self.divergence_losses = None
+        if divergence is not None:
+            self.divergence_losses = tree.map_structure(_as_loss, divergence)
+        self.loss_terms = compat.LossTrackers(
+            [keras.metrics.Mean(name="rdrop_divergence")], "rdrop_loss_terms"
+        )
+
+    @property
+    def divergence_tracker(self):
+        """The `keras.metrics.Mean` logged as `rdrop_divergence`."""
+        return self.loss_terms.metrics[0]
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
         # Keras keeps the loss of an earlier compile when recompiled with
         # `loss=None`; divergence-only training must not inherit it.
         self.loss = None
-        self._compile_loss = None
+        compat.forget_compiled_loss(self)
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
     def compile_from_config(self, config):
         # Keras skips this for models that override `compile`.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
+        self.compile(**keras.saving.deserialize_keras_object(config))
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -151,184 +122,240 @@ class RDrop(keras.Model):
             The outputs of `model`: `[2 * batch, ...]`, pairs of rows from
             the same example, when training; `[batch, ...]` otherwise.
         """
-        # Where the doubled batch is made decides what Keras calls y_pred:
-        # the trainers pass the output of this call, unchanged, to both
-        # `compute_loss` and `compute_metrics`, so one model invocation
-        # feeds the loss, the divergence and the metrics.
-        self._paired = bool(training)
-        if self._paired:
+        # The trainers hand this output, unchanged, to `compute_loss` and
+        # `compute_metrics`: one model invocation feeds all three terms.
+        if training:
             return self.model(_repeat_pairs(inputs), training=True)
         return self.model(inputs, training=training)
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        # Keras drops `sample_weight` when `y` is None; zero-width stand-in
+        # labels carry the weights to `compute_loss`, which ignores them.
+        weights = kwargs.get("sample_weight")
+        arrays = all(hasattr(t, "shape") for t in tree.flatten(x))
+        if y is None and weights is not None and arrays:
+            y = np.zeros((len(tree.flatten(weights)[0]), 0), "float32")
+        return super().fit(x, y, *args, **kwargs)
+
     def compute_loss(
-        self,
-        x=None,
-        y=None,
-        y_pred=None,
-        sample_weight=None,
-        training=True,
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        """The compiled loss of both copies plus `alpha / 4` times the mean
-        pair divergence (training), or the plain compiled loss (evaluation).
+        """The compiled loss of both copies plus `alpha / 4` times the pair
+        divergence (training), or the plain compiled loss (evaluation).
 
-        Without targets (`y is None`) or without a compiled loss, only the
-        divergence (and any `add_loss` terms) is left.
+        Raises:
+            ValueError: if `y_pred` does not have twice the rows of `x`
+                when `training`, or the same rows otherwise.
         """
-        supervised = y is not None and self.loss is not None
-        if not (training and self._paired):
-            if supervised:
-                return super().compute_loss(
-                    x, y, y_pred, sample_weight, training=training
-                )
-            return self._added_losses()
-        divergence = self._pair_divergence(y_pred, sample_weight)
-        self.divergence_tracker.update_state(divergence)
+        _check_rows(*_rows(x, y, y_pred), 2 if training else 1)
+        supervised = not _no_labels(y) and self.loss is not None
+        if not training and supervised:
+            return super().compute_loss(x, y, y_pred, sample_weight, False)
+        if not training:
+            return _added_losses(self.losses)
+        losses = self.divergence_losses
+        if losses is None:
+            losses = tree.map_structure(_infer_divergence, self.loss)
+        divergence = _pair_divergence(losses, y_pred, sample_weight)
+        examples = ops.shape(tree.flatten(y_pred)[0])[0] // 2
+        self.divergence_tracker.update_state(
+            _unscale_for_replicas(divergence),
+            sample_weight=ops.cast(examples, divergence.dtype),
+        )
         total = (self.alpha / 4.0) * divergence
-        if supervised:
-            return total + super().compute_loss(
-                x,
-                _repeat_pairs(y),
-                y_pred,
-                _repeat_pairs(sample_weight),
-                training=training,
-            )
-        return total + ops.cast(self._added_losses(), total.dtype)
-
-    def _added_losses(self):
-        total = ops.zeros((), dtype="float32")
-        for extra in self.losses:
-            total = total + ops.cast(ops.sum(extra), "float32")
-        return total
+        if not supervised:
+            return total + ops.cast(_added_losses(self.losses), total.dtype)
+        # Fresh repeated weights: Keras' loss masking scales them in place.
+        return total + super().compute_loss(
+            x, _repeat_pairs(y), y_pred, _repeat_pairs(sample_weight)
+        )
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if self._paired:
-            y_pred = tree.map_structure(lambda t: _pairs(t)[0], y_pred)
-            if y is None or self.loss is None:
-                # No targets: the compiled metrics have nothing to compare.
-                return self.get_metrics_result()
-            return super().compute_metrics(x, y, y_pred, sample_weight)
-        logs = super().compute_metrics(x, y, y_pred, sample_weight)
-        # A single pass has no pairs: a divergence of 0 would be invented.
-        logs.pop(self.divergence_tracker.name, None)
+        rows, examples = _rows(x, y, y_pred)
+        single = rows is not None and rows == examples
+        if not single:
+            _check_rows(rows, examples, 2)
+            # Traced TensorFlow steps know no batch size: the stride (2, or
+            # 1 in a test step) comes from the run-time shapes.
+            count = ops.shape(tree.flatten(x if x is not None else y)[0])[0]
+            stride = ops.shape(tree.flatten(y_pred)[0])[0] // count
+            index = ops.arange(count) * stride
+            y_pred = tree.map_structure(lambda t: ops.take(t, index, 0), y_pred)
+        if _no_labels(y):
+            logs = self.get_metrics_result()
+        else:
+            logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        if single:  # no pairs: a divergence would be invented
+            logs.pop(self.divergence_tracker.name, None)
         return logs
 
-    # ---------------------------------------------------------- divergence
-
-    def _pair_divergence(self, y_pred, sample_weight):
-        outputs = tree.flatten(y_pred)
-        divergences = _match_outputs(
-            self._divergences(y_pred), outputs, "divergence"
-        )
-        weights = _match_outputs(
-            sample_weight, outputs, "sample_weight", broadcast=True
-        )
-        total = None
-        for output, fn, weight in zip(outputs, divergences, weights):
-            value = _reduced_pair_value(output, fn, weight)
-            total = value if total is None else total + value
-        return total
-
-    def _divergences(self, y_pred):
-        if self.divergence is not None:
-            return self.divergence
-        loss = self.loss
-        if loss is None:
-            raise ValueError(
-                "Invalid value for argument `divergence`. With no compiled "
-                "loss R-Drop cannot tell logits from probabilities: pass "
-                "e.g. `divergence=keras_kd.losses.SymmetricKLDivergence("
-                "from_logits=True)`. Received: divergence=None"
-            )
-        if isinstance(loss, dict):
-            return {k: _infer_divergence(v) for k, v in loss.items()}
-        if isinstance(loss, (list, tuple)):
-            return [_infer_divergence(value) for value in loss]
-        return _infer_divergence(loss)
-
-    # ------------------------------------------------------------- config
+    def evaluate(self, *args, return_dict=False, **kwargs):
+        # Traced TensorFlow test steps cannot tell a single pass from a
+        # paired one, so they still report the (unused) divergence tracker.
+        logs = super().evaluate(*args, return_dict=True, **kwargs)
+        logs.pop(self.divergence_tracker.name, None)
+        if return_dict:
+            return logs
+        values = list(logs.values())
+        return values[0] if len(values) == 1 else values
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "model": keras.saving.serialize_keras_object(self.model),
-                "alpha": self.alpha,
-                "divergence": keras.saving.serialize_keras_object(
-                    self.divergence
-                ),
-            }
-        )
-        return config
+        serialize = keras.saving.serialize_keras_object
+        return {
+            **super().get_config(),
+            "model": serialize(self.model),
+            "alpha": self.alpha,
+            "divergence": serialize(self.divergence),
+        }
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(config["model"])
-        config["divergence"] = keras.saving.deserialize_keras_object(
-            config.get("divergence")
-        )
+        deserialize = keras.saving.deserialize_keras_object
+        config["model"] = deserialize(config["model"])
+        divergence = config.get("divergence")
+        if not isinstance(divergence, str):  # an alias stays a string
+            config["divergence"] = deserialize(divergence)
         return cls(**config)
 
 
-def _match_outputs(value, outputs, name, broadcast=False):
+def _added_losses(losses):
+    total = [ops.cast(ops.sum(extra), "float32") for extra in losses]
+    return sum(total, ops.zeros((), dtype="float32"))
+
+
+def _pair_divergence(losses, y_pred, sample_weight):
+    """The divergence of the pairs of every output, summed."""
+    outputs = tree.flatten(y_pred)
+    losses = _match_outputs(losses, outputs, "divergence")
+    weights = _match_outputs(sample_weight, outputs, "sample_weight")
+    total = None
+    for output, loss, weight in zip(outputs, losses, weights):
+        first, second = _pairs(output)
+        value = loss(first, second, _pair_weight(output, weight, loss))
+        total = value if total is None else total + value
+    return total
+
+
+def _pair_weight(output, weight, loss):
+    """`sample_weight` for the divergence of the pairs of `output`: the user
+    weights times the Keras mask of the first copies, scaled as Keras'
+    `apply_mask` scales a mask for the loss's reduction."""
+    mask = compat.keras_mask(output)
+    if mask is None and weight is None:
+        return None
+    if mask is None:
+        # A new tensor per call, the class axis removed: Keras may scale it
+        # in place (torch).
+        weight = ops.cast(weight, loss.dtype)
+        return ops.copy(_to_rank(weight, len(output.shape) - 1))
+    mask = ops.cast(_pairs(mask)[0], loss.dtype)
+    if loss.reduction in ("mean", "sum_over_batch_size"):
+        # Valid entries weigh total / valid: the mean over real tokens.
+        total = ops.cast(ops.size(mask), loss.dtype)
+        mask = mask * ops.divide_no_nan(total, ops.sum(mask))
+    if weight is None:
+        return mask
+    return mask * _to_rank(ops.cast(weight, loss.dtype), len(mask.shape))
+
+
+def _as_loss(value):
+    """A `keras.losses.Loss` for one `divergence` entry, or a `ValueError`."""
+    if isinstance(value, str) and value in DIVERGENCE_ALIASES:
+        return DIVERGENCE_ALIASES[value]()
+    is_loss = isinstance(value, keras.losses.Loss)
+    if is_loss and value.reduction not in (None, "none"):
+        return value
+    if callable(value) and not (is_loss or isinstance(value, str)):
+        return _FunctionDivergence(value)
+    raise _checks.invalid(
+        "divergence",
+        f"None, one of {tuple(DIVERGENCE_ALIASES)}, a `keras.losses.Loss` "
+        "that reduces to a scalar or a function `(a, b) -> value` (or a "
+        "list/dict of them, one per output)",
+        value,
+    )
+
+
+class _FunctionDivergence(keras.losses.Loss):
+    """`fn(a, b) -> value per row` as a loss (no public LossFunctionWrapper)."""
+
+    def __init__(self, fn):
+        super().__init__(name="rdrop_divergence")
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+def _rows(x, y, y_pred):
+    """Static rows of `y_pred` and of `x` (or `y`); None where unknown."""
+
+    def batch(structure):
+        shape = getattr(tree.flatten(structure)[0], "shape", None)
+        return None if not shape or shape[0] is None else int(shape[0])
+
+    return batch(y_pred), batch(x if x is not None else y)
+
+
+def _check_rows(rows, examples, copies):
+    # Unknown sizes (traced TensorFlow steps) are left to the run-time ops.
+    if None in (rows, examples) or rows == copies * examples:
+        return
+    raise ValueError(
+        f"Invalid value for argument `y_pred`. Expected {copies * examples} "
+        f"rows for {examples} examples (each {('once', 'twice')[copies - 1]}"
+        f", as `rdrop(x, training={copies == 2})` returns them). Received: "
+        f"y_pred with {rows} rows"
+    )
+
+
+def _no_labels(y):
+    # `RDrop.fit` stands in zero-width labels for missing ones.
+    shape = getattr(y, "shape", None)
+    return y is None or (shape is not None and tuple(shape)[1:] == (0,))
+
+
+def _unscale_for_replicas(value):
+    """Undoes the `1 / replicas` of losses under a `tf.distribute` strategy."""
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value * replicas if replicas > 1 else value
+
+
+def _repeat_pairs(structure):
+    """`[a, b, ...] -> [a, a, b, b, ...]` along axis 0 of every tensor."""
+    return tree.map_structure(
+        lambda t: None if t is None else ops.repeat(t, 2, axis=0), structure
+    )
+
+
+def _match_outputs(value, outputs, name):
     """One entry of `value` per output: shared, or a matching structure."""
     if value is None or not isinstance(value, (dict, list, tuple)):
         return [value] * len(outputs)
     flat = tree.flatten(value)
-    if len(flat) == len(outputs):
-        return flat
-    if broadcast and len(flat) == 1:
-        return flat * len(outputs)
+    if len(flat) in (1, len(outputs)):
+        return flat * (len(outputs) // len(flat))
     raise ValueError(
         f"Invalid value for argument `{name}`. Expected one entry or one per "
         f"model output ({len(outputs)}). Received: {name}={value}"
     )
 
 
-def _unreduced(fn, a, b):
-    if isinstance(fn, keras.losses.Loss):
-        return fn.call(a, b)
-    return fn(a, b)
-
-
-def _reduced_pair_value(output, fn, sample_weight):
-    """Mean over pairs (and tokens) of the divergence, weighted like a Keras
-    `"sum_over_batch_size"` loss: weights scale the terms, masked entries
-    leave the count."""
-    first, second = _pairs(output)
-    value = _unreduced(fn, first, second)
-    value = ops.convert_to_tensor(value)
-    dtype = value.dtype
-    terms = value
-    count = ops.cast(ops.size(value), dtype)
-    mask = _get_keras_mask(output)
-    if mask is not None:
-        mask = ops.cast(_to_rank(_pairs(mask)[0], len(value.shape)), dtype)
-        mask = ops.broadcast_to(mask, ops.shape(value))
-        terms = terms * mask
-        count = ops.sum(mask)
-    if sample_weight is not None:
-        weight = ops.cast(sample_weight, dtype)
-        terms = terms * _to_rank(weight, len(value.shape))
-    return ops.divide_no_nan(ops.sum(terms), count)
-
-
 def _pairs(x):
-    """The first and second copies of an interleaved batch.
-
-    A reshape to `[pairs, 2, ...]` and an unstack, rather than strided
-    slices `x[0::2]`: on TensorFlow the strided slices of a large output
-    (a GlobalPointer grid) and their gradients cost as much as the loss.
-    """
-    shape = ops.shape(x)
-    pairs = ops.reshape(x, (-1, 2, *shape[1:]))
+    """The first and second copies of an interleaved batch (a reshape: on
+    TensorFlow strided slices of a GlobalPointer grid cost like the loss)."""
+    pairs = ops.reshape(x, (-1, 2, *ops.shape(x)[1:]))
     first, second = ops.unstack(pairs, num=2, axis=1)
     return first, second
 
 
 def _to_rank(x, rank):
-    """Squeezes trailing 1-axes or appends axes so that `x` broadcasts
-    against a tensor of `rank` with the same leading axes."""
+    """`x` squeezed or expanded at the end to broadcast against `rank`."""
     while len(x.shape) > rank and x.shape[-1] == 1:
         x = ops.squeeze(x, axis=-1)
     while len(x.shape) < rank:
@@ -344,30 +371,23 @@ _MULTILABEL = (
 
 def _infer_divergence(loss):
     """The divergence that matches a compiled loss, or a `ValueError`."""
-    resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
-    if isinstance(resolved, _MULTILABEL):
+    loss_object = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if isinstance(loss_object, _MULTILABEL):
         return kd_losses.GlobalPointerKLDivergence()
-    from_logits = getattr(resolved, "from_logits", None)
-    if from_logits is None and callable(resolved):
+    from_logits = getattr(loss_object, "from_logits", None)
+    if from_logits is None and inspect.isfunction(loss_object):
         # A Keras loss function given by name: its default applies.
-        try:
-            parameter = inspect.signature(resolved).parameters.get(
-                "from_logits"
-            )
-        except (TypeError, ValueError):
-            parameter = None
-        if parameter is not None:
-            from_logits = parameter.default
-    name = getattr(getattr(resolved, "fn", resolved), "__name__", "")
-    name = name or type(resolved).__name__
-    if isinstance(from_logits, bool):
-        if "binary" not in name.lower():
-            return kd_losses.SymmetricKLDivergence(from_logits=from_logits)
-        if from_logits:
-            return kd_losses.GlobalPointerKLDivergence(axis=-1)
+        parameters = inspect.signature(loss_object).parameters
+        from_logits = getattr(parameters.get("from_logits"), "default", None)
+    fn = getattr(loss_object, "fn", loss_object)
+    binary = "binary" in getattr(fn, "__name__", type(fn).__name__).lower()
+    if isinstance(from_logits, bool) and not binary:
+        return kd_losses.SymmetricKLDivergence(from_logits=from_logits)
+    if from_logits is True and binary:
+        return kd_losses.GlobalPointerKLDivergence(axis=-1)
     raise ValueError(
         "Invalid value for argument `divergence`. It cannot be inferred "
-        "from the compiled loss; pass it to `RDrop`, e.g. "
+        "from the compiled loss (logits or probabilities?); pass it, e.g. "
         "`keras_kd.losses.SymmetricKLDivergence(from_logits=True)` for "
         "softmax logits or `keras_kd.losses.GlobalPointerKLDivergence()` for "
         f"multi-label logits. Received: divergence=None, loss={loss}"
