@@ -100,6 +100,24 @@ def unscale_for_replicas(value):
     return value
 
 
+def carry_weights_without_labels(y, fit_kwargs):
+    """`(y, fit_kwargs)` with stand-in labels wherever sample weights come
+    without labels (in `fit`/`evaluate` or in `validation_data`)."""
+    if y is None and fit_kwargs.get("sample_weight") is not None:
+        y = labels_placeholder(_rows(fit_kwargs["sample_weight"]))
+    validation = fit_kwargs.get("validation_data")
+    if isinstance(validation, (list, tuple)) and len(validation) == 3:
+        vx, vy, vw = validation
+        if vy is None and vw is not None:
+            validation = (vx, labels_placeholder(_rows(vw)), vw)
+            fit_kwargs = dict(fit_kwargs, validation_data=validation)
+    return y, fit_kwargs
+
+
+def _rows(structure):
+    return len(keras.tree.flatten(structure)[0])
+
+
 def labels_placeholder(rows):
     """Zero-width stand-in labels `[rows, 0]`.
 

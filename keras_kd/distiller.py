@@ -6,12 +6,13 @@ from keras import ops
 from keras_kd import _checks
 from keras_kd import _distiller_utils as utils
 from keras_kd import losses as kd_losses
+from keras_kd._frozen_teacher import FrozenTeachers
 from keras_kd._keras_compat import LossTrackers, forget_compiled_loss
 from keras_kd.api import export
 
 
 @export
-class Distiller(keras.Model):
+class Distiller(FrozenTeachers, keras.Model):
     """A student model trained to match a frozen teacher, with `fit`.
 
     The Distiller is a `keras.Model` whose forward pass is the student's:
@@ -123,43 +124,6 @@ class Distiller(keras.Model):
             type(self).teacher_predictions is Distiller.teacher_predictions
         )
 
-    def _add_teachers(self, name, teachers):
-        """Checks `teachers` (built, distinct, sharing no variable with the
-        student) and records them as the frozen models."""
-        frozen = list(getattr(self, "_frozen_models", []))
-        student_vars = {id(v): v for v in self.student.variables}
-        for i, teacher in enumerate(teachers):
-            label = name if name == "teacher" else f"{name}[{i}]"
-            _checks.model(label, teacher)
-            if teacher is self.student or any(teacher is f for f in frozen):
-                raise _checks.invalid(
-                    label,
-                    "a distinct model, neither the student nor another "
-                    "teacher (give a repeated teacher a larger weight)",
-                    teacher.name,
-                )
-            if not teacher.built:
-                raise _checks.invalid(
-                    label, "a built model (a trained teacher, or one given "
-                    "an `Input`)", teacher.name,
-                )
-            shared = [
-                student_vars[id(v)].path
-                for v in teacher.variables
-                if id(v) in student_vars
-            ]
-            if shared:
-                raise ValueError(
-                    f"Invalid value for argument `{label}`. Expected a "
-                    "teacher that shares no variable with the student (fit "
-                    "would train the teacher through the student). "
-                    f"Received: {label}={teacher.name} sharing {shared}"
-                )
-            frozen.append(teacher)
-        # A plain list is not tracked by Keras: the models are tracked
-        # through their own attributes (`teacher`, `teachers`).
-        object.__setattr__(self, "_frozen_models", frozen)
-
     def _scalar_variable(self, name, value):
         return self.add_weight(
             shape=(),
@@ -169,49 +133,6 @@ class Distiller(keras.Model):
             autocast=False,
             name=name,
         )
-
-    # ------------------------------------------------------ frozen models
-
-    def _frozen_ids(self):
-        return {
-            id(v)
-            for model in getattr(self, "_frozen_models", [])
-            for v in model.variables
-        }
-
-    @property
-    def trainable_weights(self):
-        frozen = self._frozen_ids()
-        return [v for v in super().trainable_weights if id(v) not in frozen]
-
-    @property
-    def trainable_variables(self):
-        return self.trainable_weights
-
-    @property
-    def non_trainable_weights(self):
-        trainable = {id(v) for v in self.trainable_weights}
-        return [v for v in self.weights if id(v) not in trainable]
-
-    @property
-    def non_trainable_variables(self):
-        trainable = {id(v) for v in self.trainable_weights}
-        return [v for v in self.variables if id(v) not in trainable]
-
-    @property
-    def losses(self):
-        """Keras' losses of the Distiller without the teachers' own.
-
-        The teachers' weights are not trainable here, so their weight
-        regularization is already left out; what remains of theirs are
-        activity losses added by their calls, constants of frozen models.
-        """
-        losses = super().losses
-        frozen = getattr(self, "_frozen_models", [])
-        if not losses or not frozen:
-            return losses
-        teacher_losses = {id(v) for model in frozen for v in model.losses}
-        return [v for v in losses if id(v) not in teacher_losses]
 
     # ------------------------------------------------------------ forward
 
@@ -225,35 +146,15 @@ class Distiller(keras.Model):
         return self.student(self.student_inputs(inputs), training=training)
 
     def teacher_predictions(self, x):
-        """The teacher's outputs for the batch `x`, gradient-free.
-
-        The teacher runs in inference mode (`training=False`) on its own
-        inputs, so dropout is off and BatchNormalization keeps its moving
-        statistics.
-
-        Args:
-            x: the input batch, as given to `fit`.
-
-        Returns:
-            The teacher's outputs, behind `ops.stop_gradient`.
-        """
+        """The teacher's outputs for the batch `x` (as given to `fit`): one
+        inference-mode call on its own inputs, behind `stop_gradient`."""
         return utils.frozen_call(self.teacher, x)
 
     # --------------------------------------------------------------- loss
 
     def compute_student_loss(self, x, y, y_pred, sample_weight=None):
-        """The hard-label loss of the student, or `None` without `loss` in
-        `compile` or without labels.
-
-        Args:
-            x: the input batch.
-            y: the labels.
-            y_pred: the student's outputs.
-            sample_weight: optional sample weights.
-
-        Returns:
-            A scalar, or `None`.
-        """
+        """The student's compiled loss against `y` (a scalar), or `None`
+        without `loss` in `compile` or without labels."""
         if self.loss is None or y is None:
             return None
         # Keras' own compute_loss adds the regularization losses, which the
@@ -267,23 +168,11 @@ class Distiller(keras.Model):
     def compute_distillation_loss(
         self, x, y, y_pred, teacher_pred, sample_weight=None
     ):
-        """The distillation term: `distillation_loss(teacher, student)`.
-
-        For nested outputs the loss is applied to each (teacher, student)
-        pair of leaves and the values are summed. The student's Keras mask,
-        if any, is applied by the loss.
-
-        Args:
-            x: the input batch.
-            y: the labels (unused here; available to subclasses).
-            y_pred: the student's outputs, from this step's forward pass.
-            teacher_pred: the output of `teacher_predictions(x)`.
-            sample_weight: optional sample weights, one tensor or one per
-                output.
-
-        Returns:
-            A scalar.
-        """
+        """`distillation_loss(teacher_pred, y_pred, sample_weight)` as a
+        scalar; for nested outputs, summed over the (teacher, student)
+        pairs of leaves, whose structures and shapes must match. The
+        student's Keras masks are applied by the loss. `y` is unused here
+        (subclasses may use it)."""
         del x, y
         utils.check_pairs(teacher_pred, y_pred)
         teachers = keras.tree.flatten(teacher_pred)
@@ -392,25 +281,12 @@ class Distiller(keras.Model):
     # ------------------------------------------------------- fit with data
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        y, kwargs = self._weights_without_labels(x, y, kwargs)
+        y, kwargs = utils.carry_weights_without_labels(y, kwargs)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        y, kwargs = self._weights_without_labels(x, y, kwargs)
+        y, kwargs = utils.carry_weights_without_labels(y, kwargs)
         return super().evaluate(x, y, *args, **kwargs)
-
-    def _weights_without_labels(self, x, y, kwargs):
-        # Keras drops `sample_weight` when `y` is None; zero-width stand-in
-        # labels carry the weights through to `compute_loss`.
-        if y is None and kwargs.get("sample_weight") is not None:
-            y = utils.labels_placeholder(len(kwargs["sample_weight"]))
-        validation = kwargs.get("validation_data")
-        if isinstance(validation, (list, tuple)) and len(validation) == 3:
-            vx, vy, vw = validation
-            if vy is None and vw is not None:
-                vy = utils.labels_placeholder(len(vw))
-                kwargs = dict(kwargs, validation_data=(vx, vy, vw))
-        return y, kwargs
 
     # ------------------------------------------------------------ compile
 
