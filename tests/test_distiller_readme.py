@@ -12,7 +12,7 @@ def test_readme_distiller_examples_run(tmp_path, monkeypatch):
     end = readme.find("\n## ", start + 1)
     section = readme[start : end if end > 0 else None]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for block in blocks:
@@ -22,3 +22,6 @@ def test_readme_distiller_examples_run(tmp_path, monkeypatch):
     assert "val_sparse_categorical_accuracy" in history
     assert isinstance(keras.models.load_model("student.keras"), keras.Model)
     assert (tmp_path / "distill.csv").read_text().count("\n") == 4
+    pure = namespace["pure"].history.history
+    assert set(pure) == {"loss", "distillation_loss"}
+    assert "distillation_loss" in namespace["first_head"].history.history
