@@ -3,12 +3,15 @@
 import inspect
 
 import keras
-import numpy as np
 from keras import ops, tree
 
 from keras_kd import _checks
 from keras_kd import _keras_compat as compat
 from keras_kd import losses as kd_losses
+from keras_kd._distiller_utils import (
+    carry_weights_without_labels,
+    is_placeholder,
+)
 from keras_kd.api import export
 
 # `divergence="..."`: R-Drop's KL is symmetric, so "kl" is the symmetric KL.
@@ -131,10 +134,7 @@ class RDrop(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         # Keras drops `sample_weight` when `y` is None; zero-width stand-in
         # labels carry the weights to `compute_loss`, which ignores them.
-        weights = kwargs.get("sample_weight")
-        arrays = all(hasattr(t, "shape") for t in tree.flatten(x))
-        if y is None and weights is not None and arrays:
-            y = np.zeros((len(tree.flatten(weights)[0]), 0), "float32")
+        y, kwargs = carry_weights_without_labels(y, kwargs)
         return super().fit(x, y, *args, **kwargs)
 
     def compute_loss(
@@ -312,8 +312,7 @@ def _check_rows(rows, examples, copies):
 
 def _no_labels(y):
     # `RDrop.fit` stands in zero-width labels for missing ones.
-    shape = getattr(y, "shape", None)
-    return y is None or (shape is not None and tuple(shape)[1:] == (0,))
+    return y is None or is_placeholder(y)
 
 
 def _unscale_for_replicas(value):
