@@ -13,6 +13,11 @@ if importlib.util.find_spec("torch") is not None:
     import torch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests compare float32 results with float64 references. On NVIDIA GPUs
+# JAX (and TensorFlow) run float32 matrix products in TF32 by default, which
+# keeps 10 mantissa bits; the suite asks for full float32 products.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,6 +26,9 @@ import pytest  # noqa: E402
 BACKEND = keras.backend.backend()
 
 if BACKEND == "torch":
+    # Full float32 products and convolutions on GPUs (see above).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     # The suite's models are tiny: a second intra-op thread only adds
     # synchronisation, which costs up to 25x on a loaded 2-core machine.
     torch.set_num_threads(1)
