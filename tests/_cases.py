@@ -102,6 +102,29 @@ def sparse_labels(seed=3, rows=(2, 3), classes=10, width=4, pad=-1):
     return indices.astype("int32"), dense
 
 
+def extreme_pairs():
+    """Named one-row `(teacher, student)` float32 logits at the ends of the
+    float32 range: `x - max` overflows for opposite signs near 3.4e38, and
+    subnormal logits must not be flushed (SPEC: exact for any finite
+    logits). Every forward KL here is finite in float32."""
+    big = float(np.finfo(np.float32).max)
+    cases = {
+        # true KL 3e38 (finite, huge)
+        "opposite_3e38": ([3e38, 0.0, -3e38], [0.0, 0.0, 3e38]),
+        # teacher certain, student uniform: log 2
+        "opposite_2e38_vs_zeros": ([2e38, -2e38], [0.0, 0.0]),
+        "identical_3e38": ([3e38, -3e38], [3e38, -3e38]),
+        "float32_max": ([big, 0.0], [0.0, big]),
+        # a masked class beside a huge one: 0, log 3 and log 2
+        "masked_1e32_identical": ([1e32, NEG_INF, 0.0], [1e32, NEG_INF, 0.0]),
+        "masked_1e32_vs_zeros": ([1e32, NEG_INF, 0.0], [0.0, 0.0, 0.0]),
+        "masked_1e32_vs_masked": ([1e32, NEG_INF, 0.0], [0.0, NEG_INF, 0.0]),
+        "tiny": ([1e-30, 0.0, -1e-30], [1e-38, 2e-45, 0.0]),
+        "huge_ties": ([1e38, 1e38, -1e38], [1e38, 1e38 * (1 - 2e-7), 0.0]),
+    }
+    return {k: (f32([t]), f32([s])) for k, (t, s) in cases.items()}
+
+
 def f32(x):
     return np.asarray(x, dtype="float32")
 
@@ -211,6 +234,28 @@ def mlce64(labels, logits, axes=(-1,)):
     return log1p_sum_exp(neg) + log1p_sum_exp(pos)
 
 
+def dkd64(t, s, labels, alpha=1.0, beta=8.0, temperature=1.0):
+    """TCKD, NCKD and DKD per row in float64 log space (valid labels)."""
+    lp, lq = log_softmax64(t, temperature), log_softmax64(s, temperature)
+    rows = np.arange(len(labels))
+
+    def binary(log_p):
+        others = log_p.copy()
+        others[rows, labels] = NEG_INF
+        rest = special.logsumexp(others, axis=-1)
+        return np.stack([log_p[rows, labels], rest], axis=-1)
+
+    def non_target(z):
+        z = np.array(z, np.float64)
+        z[rows, labels] = NEG_INF
+        return log_softmax64(z, temperature)
+
+    t2 = temperature**2
+    tckd = t2 * _p_log_ratio(binary(lp), binary(lq)).sum(-1)
+    nckd = t2 * _p_log_ratio(non_target(t), non_target(s)).sum(-1)
+    return tckd, nckd, alpha * tckd + beta * nckd
+
+
 def rdrop64(labels, logits, alpha, from_logits=True):
     """R-Drop loss per row for one-hot labels, in float64."""
     lq = log_softmax64(logits, from_logits=from_logits)
@@ -263,6 +308,18 @@ def backend_results():
         out[f"paired_{name}"] = np_(
             kd.paired_symmetric_kl_divergence(f32(pairs))
         )
+    for name, (t, s) in extreme_pairs().items():
+        for temp in (1.0, 2.5):
+            key = f"{name}_T{temp}"
+            out[f"xkl_{key}"] = np_(kd.kl_divergence(t, s, temperature=temp))
+            out[f"xrkl_{key}"] = np_(kd.kl_divergence(s, t, temperature=temp))
+            out[f"xsym_{key}"] = np_(
+                kd.symmetric_kl_divergence(t, s, temperature=temp)
+            )
+            out[f"xjsd_{key}"] = np_(
+                kd.jensen_shannon_divergence(t, s, temperature=temp)
+            )
+            out[f"xlogp_{key}"] = np_(kd.log_probabilities(t, temperature=temp))
     t, s = teacher_zeros_pair()
     out["kl_teacher_zeros"] = np_(kd.kl_divergence(t, s))
     probs = np.exp(log_softmax64(t)).astype("float32")

@@ -6,9 +6,11 @@ first is reduced), so that `sample_weight` of shape `[batch]` weights them
 in `keras.losses.Loss.__call__`.
 """
 
+import math
+
 from keras import ops
 
-from keras_kd.ops._core import _as_float, _pair
+from keras_kd.ops._core import _as_float, _pair, _reduce_max
 
 
 def _non_batch_axes(x):
@@ -28,7 +30,7 @@ def _safe_unit(x, axis):
     neither overflow nor underflow; the square root never sees 0, so the
     gradient is finite for zero vectors.
     """
-    top = ops.max(ops.abs(x), axis=axis, keepdims=True)
+    top = _reduce_max(ops.abs(x), axis)
     top = ops.stop_gradient(ops.where(top > 0, top, 1.0))
     x = x / top
     squared = ops.sum(ops.square(x), axis=axis, keepdims=True)
@@ -112,10 +114,14 @@ def attention_map(features, p=2, axis=-1):
     # The map is invariant to the scale of the features; dividing by the
     # largest magnitude first keeps |F|**p finite for large activations.
     axes = _non_batch_axes(features)
-    top = ops.max(ops.abs(features), axis=axes, keepdims=True)
+    top = _reduce_max(ops.abs(features), axes)
     top = ops.stop_gradient(ops.where(top > 0, top, 1.0))
     energy = ops.mean(ops.power(ops.abs(features / top), p), axis=axis)
-    energy = ops.reshape(energy, (ops.shape(energy)[0], -1))
+    if None in tuple(energy.shape[1:]):
+        energy = ops.reshape(energy, (ops.shape(energy)[0], -1))
+    else:
+        # A static width reshapes an empty batch too ((0, -1) is ambiguous).
+        energy = ops.reshape(energy, (-1, math.prod(energy.shape[1:])))
     return _safe_unit(energy, axis=-1)
 
 
