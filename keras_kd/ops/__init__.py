@@ -13,20 +13,37 @@ Conventions shared by all functions:
   student). Inputs are logits by default (`from_logits=True`); with
   `from_logits=False` they are probabilities, which are turned into
   log-probabilities once and then treated exactly like logits.
-- Everything is computed in log space from logits, with the row maximum
-  subtracted before the temperature divides: results agree with a float64
-  computation on the same inputs to float32 rounding (relative 1e-5) for
-  any finite logits, however confident (tested up to 1e4). Nothing is
-  clipped.
+- Everything is computed in log space from logits by one log-softmax
+  engine, with the row maximum subtracted before the temperature divides
+  and without overflow for any finite logits (up to the float32 maximum).
+  Nothing is clipped.
+- Accuracy, checked against float64 (`tests/test_numerics_accuracy.py`):
+  the absolute error of a divergence is at most
+  `1e-5 * T**2 * (1 + E|log P| + E|log Q|)`, the expectations taken under
+  the distribution(s) that weight it (no `T**2` for entropy and
+  cross-entropy): float32 rounding of log-probabilities of that size. That
+  is a relative 1e-5 for a divergence of the order of the log-probabilities
+  (a confidently wrong student), not for a tiny one: a student within 1e-3
+  of its teacher (KL about 1e-7) or `T = 1000` can be off by a relative
+  5e-2 to 2.
+- A log-probability below the dtype's lowest value (about -3.4e38 in
+  float32, reachable only with logits of opposite sign beyond 1.7e38) is
+  taken at that value: a divergence that reads it with weight `w` comes out
+  at least `w * 3.4e38` (possibly up to twice too small) or `+inf`.
 - Entries equal to `-inf` (masked logits, or zero probabilities) carry no
   mass: they contribute exactly 0 and give finite gradients, and a row whose
   entries are all `-inf` contributes 0. Where the target has mass and the
   prediction has none the KL is infinite in the math; it comes out as `+inf`
-  or as a value near the float32 maximum (about 1e38).
+  or as a huge finite value (that mass times about 3.4e38 in float32).
+- NaN anywhere in a row of an input gives NaN for that row (as Keras' own
+  losses and torch's `F.kl_div` do). A label outside the class range
+  (decoupled KD, sparse multi-label labels) gives NaN for its row.
+- An empty batch (zero rows) gives an empty result.
 - `temperature` divides the logits and multiplies the divergence by
   `temperature**2` (Hinton et al., 2015), so gradient magnitudes do not
   shrink as the temperature grows.
-- float16 and bfloat16 inputs are computed in float32.
+- float64 inputs are computed and returned in float64 (on JAX with
+  `jax_enable_x64`); float16 and bfloat16 inputs are computed in float32.
 """
 
 from keras_kd.ops._core import _check_same_shape as _check_same_shape
