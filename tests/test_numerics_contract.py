@@ -12,6 +12,7 @@ import pytest
 from _cases import (
     NEG_INF,
     cross_entropy64,
+    dkd64,
     entropy64,
     extreme_pairs,
     f32,
@@ -26,6 +27,7 @@ from _cases_keras import (
     np_,
 )
 
+from keras_kd import losses
 from keras_kd import ops as kd
 
 EXTREME = extreme_pairs()
@@ -287,6 +289,39 @@ def test_nan_global_pointer_and_multilabel():
     indices = np.array([[0, -1], [3, -1]], "int32")
     sparse = np_(kd.sparse_multilabel_categorical_crossentropy(indices, bad))
     assert np.isnan(sparse[1]) and np.isfinite(sparse[0])
+
+
+def test_nan_decoupled_kd_and_rdrop():
+    # Regression: DKD of a NaN teacher row was 0.
+    t, s = NAN_T[[0, 1, 2, 0]], NAN_S[[0, 1, 2, 0]]
+    t[3, 1] = np.nan  # NaN exactly at the target: NCKD drops that logit
+    labels = np.array([1, 0, 3, 1])
+    tckd, nckd, dkd = dkd64(t[:1], s[:1], labels[:1], 1.0, 8.0, 2.0)
+    for fn, clean in (
+        (kd.target_class_kd, tckd),
+        (kd.non_target_class_kd, nckd),
+        (lambda *a: kd.decoupled_kd(*a[:3], 1.0, 8.0, a[3]), dkd),
+    ):
+        value = np_(fn(t, s, labels, 2.0))
+        assert np.all(np.isnan(value[1:])), fn
+        np.testing.assert_allclose(value[:1], clean, rtol=1e-5, atol=1e-6)
+    logits = f32(np.random.default_rng(3).normal(size=(6, 4)))
+    logits[2, 1] = np.nan
+    for loss in (
+        losses.RDropSparseCategoricalCrossentropy(
+            2.0, from_logits=True, reduction="none"
+        ),
+        losses.RDropCategoricalCrossentropy(
+            2.0, from_logits=True, reduction="none"
+        ),
+    ):
+        labels = np.array([0, 0, 1, 1, 3, 3])
+        if isinstance(loss, losses.RDropCategoricalCrossentropy):
+            labels = np.eye(4, dtype="float32")[labels]
+        value = np_(loss(labels, logits))
+        # the pair (2, 3) shares its consistency term
+        assert np.all(np.isnan(value[2:4]))
+        assert np.all(np.isfinite(value[[0, 1, 4, 5]]))
 
 
 # -------------------------------------------------- 3. empty batches
