@@ -327,3 +327,48 @@ def test_feature_paths_into_dict_outputs_and_clear_errors():
         keras_kd.FeatureDistiller(
             student, teacher, [("inner_layer", "backbone/pooled")]
         )
+
+
+# ------------------------------------------------------------ NaN is seen
+
+
+def _linear(name):
+    # No ReLU: XLA's max(NaN, 0) is 0, which would hide the NaN row inside
+    # the models before it reaches the loss.
+    inputs = keras.Input((FEATURES,))
+    return keras.Model(inputs, layers.Dense(CLASSES)(inputs), name=name)
+
+
+def test_nan_input_row_shows_in_the_loss_and_stops_training():
+    teacher, student = _linear("teacher"), _linear("student")
+    x, _ = data(16)
+    x[3, 0] = np.nan
+    distiller = keras_kd.Distiller(student, teacher)
+    distiller.compile("sgd")
+    logs = distiller.fit(
+        x,
+        batch_size=8,
+        epochs=3,
+        verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    ).history
+    assert len(logs["loss"]) == 1  # stopped after the first epoch
+    assert np.isnan(logs["loss"][0])
+    assert np.isnan(logs["distillation_loss"][0])
+
+
+def test_nan_cached_logit_shows_in_the_offline_loss():
+    teacher, student = pair()
+    x, y = data(16)
+    cache = keras_kd.cache_teacher_outputs(teacher, x)
+    cache["teacher_logits"][5, 2] = np.nan
+    offline = keras_kd.OfflineDistiller(student)
+    offline.compile("sgd")
+    logs = offline.fit(
+        {"inputs": x, **cache},
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    ).history
+    assert len(logs["loss"]) == 1 and np.isnan(logs["loss"][0])
