@@ -13,8 +13,12 @@ from keras_kd.multi_teacher import (
     MultiTeacherDistiller as MultiTeacherDistiller,
 )
 from keras_kd.offline import OfflineDistiller as OfflineDistiller
-from keras_kd.offline import cache_teacher_outputs as cache_teacher_outputs
-from keras_kd.offline import load_teacher_outputs as load_teacher_outputs
 from keras_kd.rdrop import RDrop as RDrop
+from keras_kd.teacher_cache import (
+    cache_teacher_outputs as cache_teacher_outputs,
+)
+from keras_kd.teacher_cache import (
+    load_teacher_outputs as load_teacher_outputs,
+)
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from keras_kd import losses as kd_losses
 from keras_kd._distiller_utils import (
     carry_weights_without_labels,
     is_placeholder,
+    unscale_for_replicas,
 )
 from keras_kd.api import export
 
@@ -159,7 +160,7 @@ class RDrop(keras.Model):
         divergence = _pair_divergence(losses, y_pred, sample_weight)
         examples = ops.shape(tree.flatten(y_pred)[0])[0] // 2
         self.divergence_tracker.update_state(
-            _unscale_for_replicas(divergence),
+            unscale_for_replicas(divergence),
             sample_weight=ops.cast(examples, divergence.dtype),
         )
         total = (self.alpha / 4.0) * divergence
@@ -313,16 +314,6 @@ def _check_rows(rows, examples, copies):
 def _no_labels(y):
     # `RDrop.fit` stands in zero-width labels for missing ones.
     return y is None or is_placeholder(y)
-
-
-def _unscale_for_replicas(value):
-    """Undoes the `1 / replicas` of losses under a `tf.distribute` strategy."""
-    if keras.backend.backend() != "tensorflow":
-        return value
-    import tensorflow as tf
-
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return value * replicas if replicas > 1 else value
 
 
 def _repeat_pairs(structure):
