@@ -1,0 +1,402 @@
+"""Distillation losses of language models computed from hidden states:
+the `[tokens, vocab]` logits are never built.
+
+At a vocabulary of 150,000 the logits of a batch (with their gradient and
+the teacher's logits) are the largest tensors of a training step. These
+functions compute the loss and its gradients chunk by chunk over the
+tokens, one student and one teacher matmul per chunk (the loop:
+`_fused_linear_loop.py`; the per-chunk math: `_fused_linear_math.py`).
+
+Conventions shared by the three functions:
+
+- Kernels are `[hidden, vocab]` (the `keras.layers.Dense` layout,
+  `*_kernel_layout="hv"`, the default) or `[vocab, hidden]` (a tied or
+  reversible embedding matrix used as it is stored, `*_kernel_layout="vh"`:
+  the matmuls contract the right axis, nothing is transposed or copied).
+- `mask` (bool, or float weights) has the hidden states' leading shape;
+  the loss is the mask-weighted mean over tokens, and a token whose mask is
+  0 is ignored entirely (its hidden states may be NaN, its label out of
+  range). With every token masked the loss is 0.
+- Gradients reach `student_hidden` and `student_kernel` only; the teacher's
+  hidden states and kernel get none (`None` on every backend).
+- float64 inputs are computed in float64; everything else (float32,
+  bfloat16, float16) in float32: hidden states and kernels are cast to
+  float32 once, before the loop (a float32 copy of a half-precision
+  kernel), so the matmuls accumulate and the softmax is normalized in
+  float32. Gradients come back in the inputs' dtypes.
+- `chunk_size` tokens are processed at a time; the default keeps a chunk's
+  `[chunk, vocab]` float32 block at 8 MiB (`2**21 // vocab` tokens, a
+  multiple of 8): 64 tokens at a 32,000 vocabulary. Peak memory is then
+  flat in the token count: a few such blocks plus the gradient buffers
+  (`[tokens, hidden]` and `[hidden, vocab]`); a larger chunk trades
+  memory for larger matmuls. A token count that is not a multiple of the
+  chunk is padded with masked tokens.
+"""
+
+import keras
+from keras import ops
+
+from keras_kd import _checks
+from keras_kd.ops import _fused_linear_loop as loop
+from keras_kd.ops._core import validate_temperature
+
+_DIVERGENCES = ("kl", "reverse_kl", "jsd")
+_LAYOUTS = ("hv", "vh")
+
+
+def _tensor(x):
+    if x is None:
+        return None
+    if isinstance(x, keras.Variable) and keras.backend.backend() == (
+        "tensorflow"
+    ):
+        # A variable read inside `tf.custom_gradient` makes it demand a
+        # `variables` gradient; read here, the gradient flows to it anyway.
+        return ops.copy(x)
+    return ops.convert_to_tensor(x)
+
+
+def _shape_error(name, expected, x):
+    return ValueError(
+        f"Invalid value for argument `{name}`. Expected {expected}. "
+        f"Received: {name}.shape={tuple(x.shape)}"
+    )
+
+
+def _kernel(name, kernel, layout, hidden):
+    """Returns the kernel's vocabulary size after checking its shape."""
+    _checks.choice(f"{name}_layout", layout, _LAYOUTS)
+    width = hidden.shape[-1]
+    h_axis = 0 if layout == "hv" else 1
+    if len(kernel.shape) != 2 or kernel.shape[h_axis] != width:
+        expected = "[hidden, vocab]" if layout == "hv" else "[vocab, hidden]"
+        raise _shape_error(
+            name, f"a {expected} kernel with hidden = {width}", kernel
+        )
+    return kernel.shape[1 - h_axis]
+
+
+def _same_leading(name, x, hidden, extra_dims=0):
+    lead = tuple(hidden.shape[:-1])
+    shape = tuple(x.shape)[: len(x.shape) - extra_dims]
+    ok = len(shape) == len(lead) and all(
+        a is None or b is None or a == b for a, b in zip(shape, lead)
+    )
+    if not ok:
+        raise _shape_error(
+            name, f"the hidden states' leading shape {lead}", x
+        )
+
+
+def _cap(name, value):
+    return None if value is None else _checks.number(name, value, low=0.0,
+                                                     low_open=True)
+
+
+def _weight(name, value):
+    if isinstance(value, keras.Variable) or ops.is_tensor(value):
+        return _tensor(value)
+    return _checks.fraction(name, value)
+
+
+def _call(
+    student_hidden,
+    student_kernel,
+    teacher_hidden,
+    teacher_kernel,
+    labels,
+    mask,
+    divergence,
+    beta,
+    temperature,
+    alpha,
+    chunk_size,
+    layouts,
+    caps,
+):
+    """Checks every argument, then runs the fused loop."""
+    if divergence is not None:
+        _checks.choice("divergence", divergence, _DIVERGENCES)
+        beta = _checks.fraction("beta", beta)
+        if divergence == "jsd" and beta in (0.0, 1.0):
+            # The interior formula is 0 at both ends; GKD defines the end
+            # points as the forward and the reverse KL.
+            divergence = "kl" if beta == 0.0 else "reverse_kl"
+    temperature = validate_temperature(temperature)
+    if not isinstance(temperature, float):
+        temperature = _tensor(temperature)
+    if chunk_size is not None:
+        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
+    hidden = _tensor(student_hidden)
+    kernel = _tensor(student_kernel)
+    vocab = _kernel("student_kernel", kernel, layouts[0], hidden)
+    teacher, t_kernel = _tensor(teacher_hidden), _tensor(teacher_kernel)
+    if divergence is not None:
+        _same_leading("teacher_hidden", teacher, hidden, extra_dims=1)
+        t_vocab = _kernel("teacher_kernel", t_kernel, layouts[1], teacher)
+        if t_vocab is not None and vocab is not None and t_vocab < vocab:
+            raise _shape_error(
+                "teacher_kernel",
+                f"at least the student's {vocab} vocabulary entries (extra "
+                "teacher entries, e.g. a padded vocabulary, are ignored)",
+                t_kernel,
+            )
+        # Padded vocabularies: the student's ids are the first `vocab`.
+        if t_vocab != vocab:
+            cut = slice(0, vocab)
+            t_kernel = (
+                t_kernel[:, cut] if layouts[1] == "hv" else t_kernel[cut]
+            )
+    labels, mask = _tensor(labels), _tensor(mask)
+    for name, value in (("labels", labels), ("mask", mask)):
+        if value is not None:
+            _same_leading(name, value, hidden)
+    cfg = {
+        "divergence": divergence,
+        "beta": beta,
+        "labels": labels is not None,
+        "student_layout": layouts[0],
+        "teacher_layout": layouts[1],
+        "student_cap": _cap("student_logit_soft_cap", caps[0]),
+        "teacher_cap": _cap("teacher_logit_soft_cap", caps[1]),
+        "temperature_is_one": isinstance(temperature, float)
+        and temperature == 1.0,
+        "chunk_size": chunk_size or loop.default_chunk_size(vocab),
+    }
+    return loop.fused_loss(
+        hidden,
+        kernel,
+        teacher if divergence is not None else None,
+        t_kernel if divergence is not None else None,
+        labels,
+        mask,
+        temperature,
+        alpha,
+        cfg,
+    )
+
+
+def fused_linear_divergence(
+    student_hidden,
+    student_kernel,
+    teacher_hidden,
+    teacher_kernel,
+    mask=None,
+    divergence="kl",
+    beta=0.5,
+    temperature=1.0,
+    chunk_size=None,
+    student_kernel_layout="hv",
+    teacher_kernel_layout="hv",
+    student_logit_soft_cap=None,
+    teacher_logit_soft_cap=None,
+):
+    """Token-level distillation divergence from hidden states, without
+    building the logits.
+
+    Formula:
+
+    ```
+    s = cap_s * tanh((student_hidden @ student_kernel) / cap_s)  # or no cap
+    t = cap_t * tanh((teacher_hidden @ teacher_kernel) / cap_t)
+    P = softmax(t / T), Q = softmax(s / T)       # per token
+    loss = T**2 * sum_n mask_n D(P_n || Q_n) / sum_n mask_n
+    ```
+
+    with `D` the forward `KL(P || Q)` (`"kl"`), the reverse `KL(Q || P)`
+    (`"reverse_kl"`), or the generalized Jensen-Shannon divergence
+    (`"jsd"`): `beta KL(P || M) + (1 - beta) KL(Q || M)` with
+    `M = beta P + (1 - beta) Q`, the forward KL at `beta = 0` and the
+    reverse KL at `beta = 1` (as `jensen_shannon_divergence`). Each term is
+    computed without cancellation, so the value is exact to rounding also
+    for a student very close to its teacher (divergences of 1e-9) and for
+    confident logits (1e3 and beyond). The gradient with respect to token
+    n's logits `s_n`, formed in the forward pass, is `mask_n / sum(mask)`
+    times
+
+    ```
+    kl:          T (Q - P)
+    reverse_kl:  T Q (log Q - log P - KL(Q || P))
+    jsd:         T (1 - beta) Q (E_Q[l] - l),  l = log(M / Q)
+    ```
+
+    Args:
+        student_hidden: the student's last hidden states `[..., H_s]`.
+        student_kernel: its output kernel, `[H_s, V]` (`"hv"`) or `[V, H_s]`
+            (`"vh"`, a tied embedding matrix).
+        teacher_hidden: the teacher's hidden states `[..., H_t]`, same
+            leading shape. No gradient flows to them.
+        teacher_kernel: its output kernel, `[H_t, V_t]` or `[V_t, H_t]`
+            with `V_t >= V`; only the first `V` entries are used (padded
+            vocabularies). No gradient flows to it.
+        mask: real tokens, bool or float weights, shape `[...]`. `None`
+            counts every token.
+        divergence: `"kl"`, `"reverse_kl"` or `"jsd"`.
+        beta: the JSD mixing weight in `[0, 1]`.
+        temperature: `T > 0`, a number or a scalar tensor/variable.
+        chunk_size: tokens per chunk, or `None` for `2**21 // V` (a
+            multiple of 8).
+        student_kernel_layout: `"hv"` or `"vh"`.
+        teacher_kernel_layout: `"hv"` or `"vh"`.
+        student_logit_soft_cap: Gemma's `final_logit_soft_cap` of the
+            student (applied before the temperature), or `None`.
+        teacher_logit_soft_cap: the same for the teacher.
+
+    Returns:
+        A scalar, float64 for float64 inputs and float32 otherwise.
+
+    Example:
+
+    >>> h_s, h_t = np.ones((2, 7, 4)), np.ones((2, 7, 8))
+    >>> fused_linear_divergence(
+    ...     h_s, np.zeros((4, 11)), h_t, np.zeros((8, 11)), temperature=2.0
+    ... )  # 0.0: identical (uniform) distributions
+
+    Reference:
+        Agarwal et al. On-Policy Distillation of Language Models (GKD).
+        ICLR 2024. https://arxiv.org/abs/2306.13649
+    """
+    out = _call(
+        student_hidden,
+        student_kernel,
+        teacher_hidden,
+        teacher_kernel,
+        None,
+        mask,
+        divergence,
+        beta,
+        temperature,
+        0.0,
+        chunk_size,
+        (student_kernel_layout, teacher_kernel_layout),
+        (student_logit_soft_cap, teacher_logit_soft_cap),
+    )
+    return out[0]
+
+
+def fused_linear_cross_entropy(
+    student_hidden,
+    student_kernel,
+    labels,
+    mask=None,
+    chunk_size=None,
+    student_kernel_layout="hv",
+    student_logit_soft_cap=None,
+):
+    """Mean next-token cross-entropy from hidden states, without building
+    the logits.
+
+    Formula:
+
+    ```
+    s = student_hidden @ student_kernel        # capped if asked
+    loss = sum_n mask_n (logsumexp(s_n) - s_n[labels_n]) / sum_n mask_n
+    ```
+
+    Args:
+        student_hidden: hidden states `[..., H]`, aligned with `labels`
+            (shift the tokens yourself: `labels = tokens[:, 1:]` for
+            `hidden[:, :-1]`).
+        student_kernel: `[H, V]` (`"hv"`) or `[V, H]` (`"vh"`).
+        labels: integer token ids `[...]`. An id outside `[0, V)` on an
+            unmasked token makes the loss NaN.
+        mask: real tokens, bool or float weights, shape `[...]`.
+        chunk_size: tokens per chunk, or `None` (see
+            `fused_linear_divergence`).
+        student_kernel_layout: `"hv"` or `"vh"`.
+        student_logit_soft_cap: soft-capping of the logits, or `None`.
+
+    Returns:
+        A scalar, the mean cross-entropy over real tokens.
+
+    Example:
+
+    >>> fused_linear_cross_entropy(np.ones((2, 7, 4)), np.zeros((4, 11)),
+    ...                            np.zeros((2, 7), "int32"))  # log(11)
+    """
+    out = _call(
+        student_hidden,
+        student_kernel,
+        None,
+        None,
+        labels,
+        mask,
+        None,
+        None,
+        1.0,
+        1.0,
+        chunk_size,
+        (student_kernel_layout, "hv"),
+        (student_logit_soft_cap, None),
+    )
+    return out[0]
+
+
+def fused_linear_distillation_loss(
+    student_hidden,
+    student_kernel,
+    teacher_hidden,
+    teacher_kernel,
+    labels,
+    mask=None,
+    alpha=0.1,
+    divergence="kl",
+    beta=0.5,
+    temperature=1.0,
+    chunk_size=None,
+    student_kernel_layout="hv",
+    teacher_kernel_layout="hv",
+    student_logit_soft_cap=None,
+    teacher_logit_soft_cap=None,
+    return_components=False,
+):
+    """The whole distillation loss of a language model in one pass:
+    `alpha * cross_entropy + (1 - alpha) * divergence`, from one student
+    matmul per chunk.
+
+    Formula:
+
+    ```
+    loss = alpha * fused_linear_cross_entropy(...)    # T = 1
+           + (1 - alpha) * fused_linear_divergence(...)  # T, times T**2
+    ```
+
+    Args:
+        student_hidden, student_kernel, teacher_hidden, teacher_kernel,
+            mask, divergence, beta, temperature, chunk_size, the layouts
+            and soft caps: as in `fused_linear_divergence`.
+        labels: integer next-token ids `[...]`, as in
+            `fused_linear_cross_entropy`.
+        alpha: weight of the cross-entropy in `[0, 1]` (a number or a
+            scalar tensor/variable), as the `Distiller`'s `alpha`.
+        return_components: also return both terms.
+
+    Returns:
+        The scalar loss, or `(loss, cross_entropy, divergence)` with
+        `return_components=True`. The components are for logging: they
+        carry no gradient (differentiate `loss`).
+
+    Example:
+
+    >>> loss, ce, kd = fused_linear_distillation_loss(
+    ...     h_s, w_s, h_t, w_t, labels, alpha=0.1, temperature=2.0,
+    ...     return_components=True)
+    """
+    out = _call(
+        student_hidden,
+        student_kernel,
+        teacher_hidden,
+        teacher_kernel,
+        labels,
+        mask,
+        divergence,
+        beta,
+        temperature,
+        _weight("alpha", alpha),
+        chunk_size,
+        (student_kernel_layout, teacher_kernel_layout),
+        (student_logit_soft_cap, teacher_logit_soft_cap),
+    )
+    if not return_components:
+        return out[0]
+    return out[0], ops.stop_gradient(out[1]), ops.stop_gradient(out[2])

@@ -1,0 +1,270 @@
+"""The chunk loop of the fused linear losses and its custom gradient.
+
+One call computes the loss and, in the same pass, its gradients with
+respect to the student's hidden states and kernel; `ops.custom_gradient`
+hands them to the backend's autodiff, so no `[tokens, vocab]` tensor ever
+exists, in the forward pass or the backward pass.
+
+Per backend:
+
+- JAX and TensorFlow: `ops.fori_loop` (`lax.fori_loop`, `tf.while_loop`)
+  over the chunks, so a compiled program keeps one chunk's logits alive at
+  a time; the hidden-state gradient is written into a preallocated buffer
+  with `ops.slice_update` (an in-place dynamic-update-slice under XLA). The
+  token count may be unknown while tracing (TensorFlow).
+- torch: a Python loop (torch runs eagerly; `fori_loop` is a Python loop
+  there too) whose chunk gradients are concatenated once at the end,
+  instead of copying the whole buffer per chunk.
+
+The gradient function takes `(*args, upstream=None)`: TensorFlow and JAX
+pass the upstream gradient positionally, torch passes the saved inputs and
+`upstream=`. It returns `None` for every input but the student's hidden
+states and kernel (all three backends accept `None` as "no gradient").
+"""
+
+import keras
+from keras import ops
+
+from keras_kd.ops import _fused_linear_math as fm
+
+# The default chunk keeps one [chunk, vocab] float32 block at ~8 MiB. XLA
+# keeps a few such blocks alive at once (47 MiB of scratch in all at
+# vocab 32,000 and hidden 256, the kernel-gradient accumulator included).
+_CHUNK_FLOATS = 2**21
+
+_EINSUM = {
+    # layout: (logits, hidden gradient, kernel gradient)
+    "hv": ("ch,hv->cv", "cv,hv->ch", "ch,cv->hv"),
+    "vh": ("ch,vh->cv", "cv,vh->ch", "ch,cv->vh"),
+}
+
+
+def default_chunk_size(vocab):
+    """Tokens per chunk: `2**21 // vocab`, rounded down to a multiple of 8
+    (at least 8): 64 tokens at a 32,000 vocabulary, 8 at 152,064."""
+    return max(8, _CHUNK_FLOATS // max(vocab, 1) // 8 * 8)
+
+
+def _compute_dtype(tensors):
+    dtypes = [keras.backend.standardize_dtype(x.dtype) for x in tensors]
+    return "float64" if "float64" in dtypes else "float32"
+
+
+def _rows(x, start, size):
+    if isinstance(start, int):
+        return x[start : start + size]
+    begin = [start] + [0] * (len(x.shape) - 1)
+    return ops.slice(x, begin, [size] + list(x.shape[1:]))
+
+
+def _pad_rows(x, pad):
+    if isinstance(pad, int) and pad == 0:
+        return x
+    widths = [[0, pad]] + [[0, 0]] * (len(x.shape) - 1)
+    return ops.pad(x, widths)
+
+
+class _Chunk:
+    """The work of one chunk: logits, values, and both gradients."""
+
+    def __init__(self, cfg, kernels, temperature, alpha, gradients=True):
+        self.cfg = cfg
+        self.gradients = gradients
+        self.student_kernel, self.teacher_kernel = kernels
+        self.temperature = temperature
+        self.alpha = alpha
+        self.scale = 2.0 / temperature
+        self.equations = _EINSUM[cfg["student_layout"]]
+
+    def __call__(self, hidden, teacher_hidden, weights, labels):
+        cfg = self.cfg
+        # Masked rows are zeroed before the matmuls, not multiplied by 0
+        # after them: padding may hold NaN hidden states or out-of-range
+        # labels, and no [chunk, vocab] `where` is needed.
+        active = weights != 0
+        rows = ops.expand_dims(active, -1)
+        hidden = ops.where(rows, hidden, ops.zeros_like(hidden))
+        raw = ops.einsum(self.equations[0], hidden, self.student_kernel)
+        zs = fm.soft_cap(raw, cfg["student_cap"])
+        student = fm.student_parts(zs, self.scale)
+        zero = ops.zeros_like(weights)
+        ce, div, grad = zero, zero, None
+        if cfg["divergence"] is not None:
+            teacher_hidden = ops.where(
+                rows, teacher_hidden, ops.zeros_like(teacher_hidden)
+            )
+            zt = ops.einsum(
+                _EINSUM[cfg["teacher_layout"]][0],
+                teacher_hidden,
+                self.teacher_kernel,
+            )
+            zt = fm.soft_cap(zt, cfg["teacher_cap"])
+            div, g_div = fm.divergence_terms(
+                student, zt, self.scale, cfg["divergence"], cfg["beta"]
+            )
+            # d (T**2 D(softmax(s / T))) / d s = T * d D / d a.
+            factor = weights * (self.temperature * (1.0 - self.alpha))
+            grad = g_div * ops.expand_dims(factor, -1)
+        if cfg["labels"]:
+            labels = ops.where(active, labels, ops.zeros_like(labels))
+            at_one = student[1:] if cfg["temperature_is_one"] else None
+            ce, g_ce = fm.cross_entropy_terms(student[0], labels, at_one)
+            g_ce = g_ce * ops.expand_dims(weights * self.alpha, -1)
+            grad = g_ce if grad is None else grad + g_ce
+        sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
+        if not self.gradients:
+            return None, None, sums
+        if cfg["student_cap"] is not None:
+            grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
+        d_hidden = ops.einsum(self.equations[1], grad, self.student_kernel)
+        d_kernel = ops.einsum(self.equations[2], hidden, grad)
+        return d_hidden, d_kernel, sums
+
+
+def _run_chunks(chunk, size, inputs):
+    """Runs `chunk` over the rows of `inputs` = (hidden, teacher hidden,
+    weights, labels) and returns (d_hidden, d_kernel, sums)."""
+    hidden = inputs[0]
+    n = ops.shape(hidden)[0]
+    steps = (n + size - 1) // size
+    if isinstance(n, int):
+        # At least one (then fully masked) chunk: a loop body is traced
+        # even when it runs zero times, and it slices one chunk.
+        size = max(1, min(size, n))
+        steps = max(1, (n + size - 1) // size)
+    pad = steps * size - n
+    padded = [None if x is None else _pad_rows(x, pad) for x in inputs]
+    kernel = chunk.student_kernel
+    sums = ops.zeros((2,), dtype=hidden.dtype)
+    d_kernel = ops.zeros(ops.shape(kernel), dtype=hidden.dtype)
+
+    def rows(start):
+        return [None if x is None else _rows(x, start, size) for x in padded]
+
+    if keras.backend.backend() == "torch":
+        pieces = []
+        for step in range(steps):
+            d_h, d_k, s = chunk(*rows(step * size))
+            sums = sums + s
+            if chunk.gradients:
+                pieces.append(d_h)
+                d_kernel = d_kernel + d_k
+        d_hidden = (
+            ops.concatenate(pieces, axis=0)
+            if pieces
+            else ops.zeros_like(padded[0])
+        )
+        return d_hidden[:n], d_kernel, sums
+
+    def body(step, carry):
+        d_hidden, d_kernel, sums = carry
+        start = step * size
+        d_h, d_k, s = chunk(*rows(start))
+        d_hidden = ops.slice_update(d_hidden, [start, 0], d_h)
+        return d_hidden, d_kernel + d_k, sums + s
+
+    carry = (ops.zeros_like(padded[0]), d_kernel, sums)
+    d_hidden, d_kernel, sums = ops.fori_loop(0, steps, body, carry)
+    return d_hidden[:n], d_kernel, sums
+
+
+def fused_loss(
+    student_hidden,
+    student_kernel,
+    teacher_hidden,
+    teacher_kernel,
+    labels,
+    mask,
+    temperature,
+    alpha,
+    cfg,
+):
+    """`[total, cross_entropy, divergence]` with the custom gradient.
+
+    Arguments are validated tensors (teacher, labels and mask may be
+    `None`); `temperature` and `alpha` are floats or scalar tensors; `cfg`
+    holds the static options. Gradients flow to the student's hidden states
+    and kernel only, through `total`.
+    """
+    inputs = {
+        "student_hidden": student_hidden,
+        "student_kernel": student_kernel,
+        "teacher_hidden": teacher_hidden,
+        "teacher_kernel": teacher_kernel,
+        "labels": labels,
+        "mask": mask,
+        "temperature": temperature,
+        "alpha": alpha,
+    }
+    # Only tensors go through custom_gradient (torch saves them for the
+    # backward pass); Python floats stay closed over.
+    names = [k for k, v in inputs.items() if ops.is_tensor(v)]
+    dtype = _compute_dtype(
+        [inputs[k] for k in names if k.endswith(("hidden", "kernel"))]
+    )
+
+    def compute(tensors, gradients):
+        given = dict(inputs, **dict(zip(names, tensors)))
+        hidden = given["student_hidden"]
+        flat = ops.cast(ops.reshape(hidden, (-1, hidden.shape[-1])), dtype)
+        kernel = ops.cast(given["student_kernel"], dtype)
+        t, a = given["temperature"], given["alpha"]
+        if ops.is_tensor(t):
+            t = ops.cast(t, dtype)
+        if ops.is_tensor(a):
+            a = ops.cast(a, dtype)
+        teacher, teacher_kernel_ = None, None
+        if given["teacher_hidden"] is not None:
+            th = given["teacher_hidden"]
+            teacher = ops.cast(ops.reshape(th, (-1, th.shape[-1])), dtype)
+            teacher_kernel_ = ops.cast(given["teacher_kernel"], dtype)
+        if given["mask"] is not None:
+            weights = ops.cast(ops.reshape(given["mask"], (-1,)), dtype)
+        else:
+            weights = ops.ones((ops.shape(flat)[0],), dtype=dtype)
+        count = ops.sum(weights)
+        weights = weights / ops.where(count > 0, count, ops.ones_like(count))
+        labels_ = given["labels"]
+        if labels_ is not None:
+            labels_ = ops.cast(ops.reshape(labels_, (-1,)), "int32")
+        chunk = _Chunk(cfg, (kernel, teacher_kernel_), t, a, gradients)
+        d_hidden, d_kernel, sums = _run_chunks(
+            chunk, cfg["chunk_size"], (flat, teacher, weights, labels_)
+        )
+        ce, div = sums[0], sums[1] * (t * t)
+        # The public functions pass alpha = 1 (no teacher) or 0 (no labels).
+        out = ops.stack([a * ce + (1.0 - a) * div, ce, div])
+        return out, d_hidden, d_kernel
+
+    tensors = [inputs[k] for k in names]
+    if keras.backend.backend() == "torch" and not _torch_needs_gradient(
+        tensors[:2]
+    ):
+        # Evaluation: skip the two gradient matmuls of every chunk.
+        return compute(tensors, gradients=False)[0]
+
+    @ops.custom_gradient
+    def forward(*tensors):
+        out, d_hidden, d_kernel = compute(tensors, gradients=True)
+        hidden, kernel = tensors[:2]
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            up = ops.cast(upstream[0], dtype)
+            g_hidden = ops.reshape(d_hidden * up, ops.shape(hidden))
+            g_kernel = d_kernel * up
+            return (
+                ops.cast(g_hidden, hidden.dtype),
+                ops.cast(g_kernel, kernel.dtype),
+            ) + (None,) * (len(tensors) - 2)
+
+        return out, grad
+
+    return forward(*tensors)
+
+
+def _torch_needs_gradient(tensors):
+    import torch
+
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -1,0 +1,225 @@
+"""Per-chunk math of the fused linear losses: values and logit gradients.
+
+Everything here works on one chunk of logits `[chunk, vocab]` and returns
+per-token values and the gradient with respect to the student's logits;
+`_fused_linear_loop.py` loops over the chunks. Nothing here is
+differentiated by the backend: the gradients are written out, so a `where`
+whose unused branch overflows is harmless.
+
+Notation (one row): `a = (s - max s) / T`, `b = (t - max t) / T`,
+`Q = softmax(a)` (student), `P = softmax(b)` (teacher),
+`d = b - a`, `m = E_Q[d]`, `w = d - m`, and
+
+```
+R = KL(Q || P) = log E_Q[exp(w)] = log1p(E_Q[psi(w)])
+u = log P - log Q = w - R  (= d - log(sum e^b / sum e^a) where R > 1)
+```
+
+with `psi(x) = exp(x) - 1 - x` and `phi(x) = 1 + (x - 1) exp(x)`. The
+linear term `E_Q[w]` is 0 in exact arithmetic and left out: its rounding
+noise would otherwise swamp a divergence of 1e-8 (a student close to its
+teacher). `u` is then exact to rounding of `d`, and every divergence is a
+sum of non-negative terms (`Q phi(u)`, `Q psi(l)`, ...), each computed
+without cancellation: a power series for small arguments, a closed form
+from `P` and `Q` elsewhere.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+# Below this |argument| the series is used; above it the closed forms lose
+# at most ~12 ulp to cancellation.
+_SERIES_BELOW = 0.5
+# 1/k! for k = 2..9 (float32) and 2..15 (float64): the first term left out
+# is below 2e-9 (float32) and 6e-18 (float64) relative at |x| = 0.5.
+_PSI_COEFFICIENTS = {
+    "float32": [1.0 / math.factorial(k) for k in range(2, 10)],
+    "float64": [1.0 / math.factorial(k) for k in range(2, 16)],
+}
+# exp() of anything above this overflows (float32 ~88.7, float64 ~709.8).
+_EXP_LIMIT = {"float32": 80.0, "float64": 700.0}
+
+
+def _dtype(x):
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _const(value, dtype):
+    # A Python float given to `where`/`minimum` becomes float32 on torch.
+    return ops.convert_to_tensor(value, dtype=dtype)
+
+
+def _psi(x):
+    """`exp(x) - 1 - x` by its power series: exact for `|x| <= 0.5`."""
+    coefficients = _PSI_COEFFICIENTS[_dtype(x)]
+    series = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        series = series * x + c
+    return series * x * x
+
+
+def _half_shift(z):
+    """`(z - max z) / 2` per row: the halves cannot overflow for any finite
+    logits, and doubling back is exact."""
+    top = ops.max(z, axis=-1, keepdims=True)
+    return z * 0.5 - top * 0.5
+
+
+def _softmax_parts(half, scale):
+    """`(exp(x), sum exp(x), softmax(x))` of `x = half * scale <= 0`."""
+    e = ops.exp(half * scale)
+    total = ops.sum(e, axis=-1, keepdims=True)
+    return e, total, e / total
+
+
+def soft_cap(z, cap):
+    """Gemma's logit soft-capping `cap * tanh(z / cap)` (or `z`)."""
+    return z if cap is None else ops.tanh(z / cap) * cap
+
+
+def soft_cap_slope(z, cap):
+    """`d soft_cap(z) / d z = 1 - tanh(z / cap)**2`, as
+    `4 e / (1 + e)**2` with `e = exp(-2 |z / cap|)`: `1 - tanh**2` loses
+    every digit where the cap saturates."""
+    e = ops.exp(ops.abs(z / cap) * -2.0)
+    return 4.0 * e / ops.square(1.0 + e)
+
+
+def student_parts(zs, scale):
+    """`(half, total, q)` of the student's logits: `half = (zs - max) / 2`,
+    `q = softmax(half * scale)` and `total` its normalizer."""
+    half = _half_shift(zs)
+    _, total, q = _softmax_parts(half, scale)
+    return half, total, q
+
+
+def divergence_terms(student, zt, scale, divergence, beta):
+    """Per-row divergence and its gradient with respect to the student's
+    scaled logits `a = s / T` (the caller multiplies by `T**2 / T = T`).
+
+    Args:
+        student: `student_parts` of the student's logits `[chunk, vocab]`.
+        zt: teacher logits, same shape (capped, padding columns removed).
+        scale: `2 / T`, a float or a scalar tensor of the compute dtype.
+        divergence: `"kl"`, `"reverse_kl"` or `"jsd"`.
+        beta: the JSD mixing weight, strictly inside (0, 1) for `"jsd"`.
+
+    Returns:
+        `(value [chunk], grad [chunk, vocab])`: `value` is the divergence
+        without the `T**2` factor, `grad` its gradient with respect to `a`.
+    """
+    a_half, sa, q = student
+    dtype = _dtype(q)
+    limit = _EXP_LIMIT[dtype]
+    b_half = _half_shift(zt)
+    eb, sb, p = _softmax_parts(b_half, scale)
+    # Both halves are <= 0, so their difference cannot overflow; the
+    # subtraction comes before the scale so that d is exact to one rounding.
+    d = (b_half - a_half) * scale
+    # E_Q[d] in two passes: d may be ~1e3 where Q has its mass, and the
+    # rounding of a one-pass mean would then show in `w` and in the
+    # gradients; the second pass only sees the spread of d around it.
+    rough = ops.sum(q * d, axis=-1, keepdims=True)
+    centered = d - rough
+    fine = ops.sum(q * centered, axis=-1, keepdims=True)
+    w = centered - fine
+    m = rough + fine
+    log_ratio = ops.log(sb) - ops.log(sa)
+    # Q exp(w) = exp(b) exp(-m) / sa: no overflow where exp(w) would. Rows
+    # where -m is large have R > 1 and take `reverse_std` instead.
+    q_exp_w = eb * (ops.exp(ops.minimum(-m, _const(limit, dtype))) / sa)
+    small_w = ops.abs(w) < _SERIES_BELOW
+    psi_w = ops.where(small_w, q * _psi(w), q_exp_w - q - q * w)
+    reverse_near = ops.log1p(ops.sum(psi_w, axis=-1, keepdims=True))
+    # Far from the teacher (R > 1) the plain differences have no
+    # cancellation, and the sum above may have overflowed.
+    reverse_std = log_ratio - rough - fine
+    far = reverse_std > 1.0
+    reverse = ops.where(far, reverse_std, reverse_near)
+    if divergence == "reverse_kl":
+        # d R / d a = Q (log Q - log P - R) = -Q w.
+        return ops.squeeze(reverse, -1), -q * w
+    # u = log P - log Q; without m in the far rows, where m may be large.
+    u = ops.where(far, d - log_ratio, w - reverse_near)
+    small_u = ops.abs(u) < _SERIES_BELOW
+    if divergence == "kl":
+        psi_u = _psi(u)
+        # P - Q = Q expm1(u), with expm1(u) = u + psi(u) near 0.
+        p_minus_q = ops.where(small_u, q * (u + psi_u), p - q)
+        # Q phi(u) = Q (u expm1(u) - psi(u)) near 0, Q - P + u P elsewhere.
+        terms = ops.where(
+            small_u, q * (u * (u + psi_u) - psi_u), u * p - p_minus_q
+        )
+        return ops.sum(terms, axis=-1), -p_minus_q
+    return _jsd_terms(u, p, q, beta, limit)
+
+
+def _jsd_terms(u, p, q, beta, limit):
+    """Generalized JSD from `u = log P - log Q`, with `M = beta P +
+    (1 - beta) Q`, `l = log(M / Q)` and `x = log(P / M)`:
+
+    ```
+    JSD = beta KL(P || M) + (1 - beta) KL(Q || M)
+        = beta sum M phi(x) + (1 - beta) sum Q psi(l)
+    d JSD / d a = (1 - beta) Q (E_Q[l] - l)
+    ```
+    """
+    dtype = _dtype(u)
+    cap = _const(limit, dtype)
+    # log1p of a small multiple of expm1: exact near u = 0; the asymptotes
+    # beyond the exp limit are exact to float rounding.
+    l_near = ops.log1p(beta * ops.expm1(ops.minimum(u, cap)))
+    l_ = ops.where(u > cap, u + math.log(beta), l_near)
+    x_near = -ops.log1p((1.0 - beta) * ops.expm1(ops.minimum(-u, cap)))
+    x = ops.where(-u > cap, u - math.log1p(-beta), x_near)
+    mix = beta * p + (1.0 - beta) * q
+    psi_x, psi_l = _psi(x), _psi(l_)
+    # M phi(x) = M + (x - 1) P; Q psi(l) = M - Q - Q l.
+    to_mix = ops.where(
+        ops.abs(x) < _SERIES_BELOW,
+        mix * (x * (x + psi_x) - psi_x),
+        mix - p + x * p,
+    )
+    from_mix = ops.where(
+        ops.abs(l_) < _SERIES_BELOW, q * psi_l, mix - q - q * l_
+    )
+    value = beta * ops.sum(to_mix, axis=-1) + (1.0 - beta) * ops.sum(
+        from_mix, axis=-1
+    )
+    mean_l = ops.sum(q * l_, axis=-1, keepdims=True)
+    return value, (1.0 - beta) * q * (mean_l - l_)
+
+
+def cross_entropy_terms(half, labels, at_one=None):
+    """Per-row next-token cross-entropy at temperature 1 and its gradient
+    with respect to the student's logits.
+
+    Args:
+        half: `(zs - max zs) / 2` of the student's logits `[chunk, vocab]`.
+        labels: integer ids `[chunk]`.
+        at_one: `(total, q)` of `student_parts` when they were computed at
+            temperature 1, else `None`.
+
+    Returns:
+        `(value [chunk], grad [chunk, vocab])`. A label outside
+        `[0, vocab)` gives NaN in its row's value and gradient: never a
+        finite wrong loss.
+    """
+    if at_one is None:
+        _, total, q = _softmax_parts(half, 2.0)
+    else:
+        total, q = at_one
+    vocab = half.shape[-1]
+    labels = ops.cast(labels, "int32")
+    hit = ops.expand_dims(labels, -1) == ops.arange(vocab, dtype="int32")
+    picked = ops.sum(ops.where(hit, half, ops.zeros_like(half)), axis=-1)
+    value = ops.squeeze(ops.log(total), -1) - picked * 2.0
+    valid = ops.logical_and(labels >= 0, labels < vocab)
+    nan = _const(math.nan, half.dtype)
+    value = ops.where(valid, value, nan)
+    grad = ops.where(
+        ops.expand_dims(valid, -1), q - ops.cast(hit, half.dtype), nan
+    )
+    return value, grad
