@@ -73,6 +73,15 @@ from keras_kd.ops._features import (
 from keras_kd.ops._features import (
     feature_mean_squared_error as feature_mean_squared_error,
 )
+from keras_kd.ops._fused_linear import (
+    fused_linear_cross_entropy as fused_linear_cross_entropy,
+)
+from keras_kd.ops._fused_linear import (
+    fused_linear_distillation_loss as fused_linear_distillation_loss,
+)
+from keras_kd.ops._fused_linear import (
+    fused_linear_divergence as fused_linear_divergence,
+)
 from keras_kd.ops._multilabel import _positives_mask as _positives_mask
 from keras_kd.ops._multilabel import (
     binary_symmetric_kl_divergence as binary_symmetric_kl_divergence,
@@ -96,6 +105,9 @@ __all__ = [
     "entropy",
     "feature_cosine_distance",
     "feature_mean_squared_error",
+    "fused_linear_cross_entropy",
+    "fused_linear_distillation_loss",
+    "fused_linear_divergence",
     "global_pointer_kl_divergence",
     "jensen_shannon_divergence",
     "kl_divergence",
