@@ -93,3 +93,17 @@ class FrozenTeachers:
             return losses
         teacher_losses = {id(v) for model in frozen for v in model.losses}
         return [v for v in losses if id(v) not in teacher_losses]
+
+    def zero_grad(self, set_to_none=True):
+        """Clears the gradients of every trainable variable (PyTorch).
+
+        Keras' PyTorch backend registers a model's parameters under their
+        variable paths, and a teacher and student whose layers have the
+        same names (two keras-hub backbones, a cloned model) collide there:
+        `torch.nn.Module.zero_grad` then misses some student parameters and
+        their gradients would add up from step to step.
+        """
+        for variable in self.trainable_variables:
+            variable.value.grad = None
+        super().zero_grad(set_to_none=set_to_none)
+

@@ -372,3 +372,4 @@ def test_nan_cached_logit_shows_in_the_offline_loss():
         callbacks=[keras.callbacks.TerminateOnNaN()],
     ).history
     assert len(logs["loss"]) == 1 and np.isnan(logs["loss"][0])
+
