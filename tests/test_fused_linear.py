@@ -181,6 +181,19 @@ def test_divergence_matches_dense_reference(divergence, beta, temperature):
     check(fn, (hs, ks), expected)
 
 
+@pytest.mark.parametrize("scale", [0.05, 0.3])
+@pytest.mark.parametrize("divergence,beta", NOT_ENDS)
+def test_divergence_at_every_distance(divergence, beta, scale):
+    # Smaller logits: rows near the teacher (KL(Q || P) < 1), where the
+    # divergences take their series path.
+    hs, ks, ht, kt, mask, _ = make_inputs(20)
+    ks, kt = ks * scale, kt * scale
+    fn = fused(ht, kt, mask=mask, divergence=divergence, beta=beta,
+               temperature=2.0, chunk_size=4)
+    expected = reference(hs, ks, ht, kt, mask, divergence, beta, 2.0)
+    check(fn, (hs, ks), expected)
+
+
 @pytest.mark.parametrize("divergence,beta", NOT_ENDS)
 def test_gradients_equal_autodiff_of_dense_keras_kd(divergence, beta):
     # The closed-form gradients against the backend's autodiff of the
