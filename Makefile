@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[tensorflow,jax,test]"
+	$(PY) -m pip install -q --no-deps "keras-hub==0.32.0"
 	touch $(STAMP)
 
 venv: $(STAMP)

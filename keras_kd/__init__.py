@@ -6,6 +6,7 @@ from keras_kd import layers as layers
 from keras_kd import losses as losses
 from keras_kd import metrics as metrics
 from keras_kd import ops as ops
+from keras_kd.causal_lm import CausalLMDistiller as CausalLMDistiller
 from keras_kd.distiller import Distiller as Distiller
 from keras_kd.dkd import DKDDistiller as DKDDistiller
 from keras_kd.feature_distillation import FeatureDistiller as FeatureDistiller

@@ -261,18 +261,18 @@ class Distiller(FrozenTeachers, keras.Model):
         metrics = super().metrics
         if not self.compiled:
             return metrics
-        terms = (
-            self._both_terms
-            if self.loss is not None
-            else self._distillation_term
-        )
-        own = [terms] + self._extra_terms()
+        own = [self._loss_terms()] + self._extra_terms()
         skip = {id(self._both_terms), id(self._distillation_term)}
         for container in [self._both_terms] + own:
             skip.add(id(container))
             skip.update(id(m) for m in container.metrics)
         rest = [m for m in metrics if id(m) not in skip]
         return rest[:1] + own + rest[1:]
+
+    def _loss_terms(self):
+        if self.loss is not None:
+            return self._both_terms
+        return self._distillation_term
 
     def _extra_terms(self):
         """Further `LossTrackers` of subclasses, logged after the terms."""

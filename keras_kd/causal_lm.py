@@ -1,0 +1,253 @@
+"""`CausalLMDistiller`: distill a keras-hub causal language model from a
+larger one without building either model's logits."""
+
+from keras import ops
+
+from keras_kd import _checks
+from keras_kd import losses as kd_losses
+from keras_kd import ops as kd_ops
+from keras_kd._distiller_utils import (
+    batch_size,
+    frozen_call,
+    inputs_for,
+    is_placeholder,
+    unscale_for_replicas,
+)
+from keras_kd.api import export
+from keras_kd.distiller import Distiller
+
+
+def _check_causal_lm(name, model):
+    _checks.model(name, model)
+    backbone = getattr(model, "backbone", None)
+    head = getattr(backbone, "token_embedding", None)
+    if head is None or not hasattr(head, "embeddings"):
+        raise _checks.invalid(
+            name,
+            "a keras-hub `CausalLM` (a model with `backbone.token_embedding`, "
+            "e.g. `keras_hub.models.LlamaCausalLM`)",
+            model,
+        )
+    return model
+
+
+def output_head(model):
+    """`(kernel, layout, soft_cap)` of a keras-hub CausalLM's output head.
+
+    The head is the backbone's `token_embedding` used in reverse: a tied
+    embedding `[vocab, hidden]` (layout `"vh"`, used through its transpose
+    without a copy) or an untied reverse kernel `[hidden, vocab]`
+    (`"hv"`), and Gemma's final logit soft-cap, if any.
+    """
+    head = model.backbone.token_embedding
+    if getattr(head, "tie_weights", True):
+        return head.embeddings, "vh", getattr(head, "logit_soft_cap", None)
+    return (
+        head.reverse_embeddings,
+        "hv",
+        getattr(head, "logit_soft_cap", None),
+    )
+
+
+_DIVERGENCES = (
+    # Most specific first: ReverseKLDivergence subclasses KLDivergence.
+    (kd_losses.ReverseKLDivergence, "reverse_kl"),
+    (kd_losses.KLDivergence, "kl"),
+    (kd_losses.JensenShannonDivergence, "jsd"),
+)
+
+
+def _divergence_of(loss):
+    for cls, name in _DIVERGENCES:
+        if isinstance(loss, cls):
+            if not getattr(loss, "from_logits", True):
+                break
+            return name
+    raise _checks.invalid(
+        "distillation_loss",
+        "`keras_kd.losses.KLDivergence`, `ReverseKLDivergence` or "
+        "`JensenShannonDivergence` on logits (the losses the fused "
+        "language-model kernels compute)",
+        loss,
+    )
+
+
+@export
+class CausalLMDistiller(Distiller):
+    """Distills a keras-hub causal language model, logits never built.
+
+    Student and teacher are keras-hub `CausalLM` models (GPT2, Llama,
+    Gemma, Mistral, Qwen, ...) over the same vocabulary (the teacher's may
+    be padded with extra ids, which are ignored). Each step runs both
+    backbones once (the teacher in inference mode, gradient-free) and
+    applies the output heads chunk by chunk over the tokens with
+    `keras_kd.ops.fused_linear_distillation_loss`: the `[tokens, vocab]`
+    logits of neither model exist at any time, and the student's
+    gradients are formed inside the same pass.
+
+    Formula:
+
+    ```
+    loss = alpha * CE(y, student)              # next-token, mean over tokens
+           + (1 - alpha) * T**2 * D(teacher || student)   # mean over tokens
+    ```
+
+    with `D` the KL, reverse KL or generalized JSD of the compiled
+    `distillation_loss` at its temperature `T`. Real tokens are those with
+    a nonzero `sample_weight` (keras-hub's `CausalLMPreprocessor` gives the
+    padding mask there), else those of `x["padding_mask"]`. Without labels
+    the loss is the divergence alone. History: `loss`, `student_loss`
+    (with labels), `distillation_loss`.
+
+    Calling the distiller returns the student's final hidden states (what
+    the loss takes); `distiller.student` is the plain keras-hub model, for
+    logits, `generate` and saving (it reloads without keras-kd). The
+    teacher is frozen as in `Distiller`.
+
+    Args:
+        student: the keras-hub `CausalLM` to train.
+        teacher: a built keras-hub `CausalLM`.
+        chunk_size: tokens per chunk of the fused loss (`None`: chosen so
+            one chunk's logits stay small).
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+
+    ```python
+    teacher = keras_hub.models.Llama3CausalLM.from_preset("llama3.2_3b")
+    student = keras_hub.models.Llama3CausalLM.from_preset("llama3.2_1b")
+    distiller = keras_kd.CausalLMDistiller(student, teacher)
+    distiller.compile(
+        keras.optimizers.AdamW(1e-5),
+        distillation_loss=keras_kd.losses.KLDivergence(temperature=1.0),
+        alpha=0.5,
+    )
+    x, y, w = student.preprocessor(texts)  # token_ids/padding_mask, labels
+    distiller.fit(x, y, sample_weight=w, batch_size=4)
+    ```
+    """
+
+    def __init__(self, student, teacher, chunk_size=None, **kwargs):
+        _check_causal_lm("student", student)
+        _check_causal_lm("teacher", teacher)
+        super().__init__(student, teacher, **kwargs)
+        if chunk_size is not None:
+            chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
+        self.chunk_size = chunk_size
+
+    def call(self, inputs, training=None):
+        """The student's final hidden states `[batch, length, hidden]`."""
+        backbone = self.student.backbone
+        return backbone(inputs_for(backbone, inputs), training=training)
+
+    def teacher_predictions(self, x):
+        """The teacher's final hidden states, gradient-free."""
+        return frozen_call(self.teacher.backbone, x)
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        distillation_loss=None,
+        alpha=0.1,
+        metrics=None,
+        **kwargs,
+    ):
+        """As `Distiller.compile`, with the next-token cross-entropy built
+        in: `loss` must be `None` (it is then computed whenever labels are
+        given), and `metrics` are not available (the model outputs hidden
+        states; the `student_loss` is the mean next-token cross-entropy, so
+        `exp(student_loss)` is the perplexity)."""
+        if loss is not None:
+            raise _checks.invalid(
+                "loss",
+                "None: the next-token cross-entropy is built in and fused "
+                "with the distillation term",
+                loss,
+            )
+        if metrics:
+            raise _checks.invalid(
+                "metrics",
+                "None: the distiller's outputs are hidden states, not logits",
+                metrics,
+            )
+        super().compile(
+            optimizer,
+            loss=None,
+            distillation_loss=distillation_loss,
+            alpha=alpha,
+            **kwargs,
+        )
+        _divergence_of(self.distillation_loss)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if self.distillation_loss is None:
+            raise ValueError(
+                "The CausalLMDistiller must be compiled before training: "
+                "call `distiller.compile(optimizer, distillation_loss, alpha)`."
+            )
+        if y is not None and is_placeholder(y):
+            y = None
+        loss = self.distillation_loss
+        kernel, layout, cap = output_head(self.student)
+        teacher_kernel, teacher_layout, teacher_cap = output_head(self.teacher)
+        arguments = dict(
+            mask=self._token_mask(x, sample_weight),
+            divergence=_divergence_of(loss),
+            beta=getattr(loss, "beta", 0.5),
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            student_kernel_layout=layout,
+            teacher_kernel_layout=teacher_layout,
+            student_logit_soft_cap=cap,
+            teacher_logit_soft_cap=teacher_cap,
+        )
+        teacher_hidden = self.teacher_predictions(x)
+        if y is None:
+            total = kd_ops.fused_linear_divergence(
+                y_pred, kernel, teacher_hidden, teacher_kernel, **arguments
+            )
+            student, distillation = None, ops.stop_gradient(total)
+        else:
+            total, student, distillation = (
+                kd_ops.fused_linear_distillation_loss(
+                    y_pred,
+                    kernel,
+                    teacher_hidden,
+                    teacher_kernel,
+                    y,
+                    alpha=self.alpha,
+                    return_components=True,
+                    **arguments,
+                )
+            )
+        regularization = self._regularization()
+        if regularization is not None:
+            total = total + ops.cast(regularization, total.dtype)
+        rows = batch_size(x)
+        if student is not None:
+            self.student_loss_tracker.update_state(
+                unscale_for_replicas(student), sample_weight=rows
+            )
+        self.distillation_loss_tracker.update_state(
+            unscale_for_replicas(distillation), sample_weight=rows
+        )
+        return total
+
+    def _loss_terms(self):
+        # The built-in cross-entropy is tracked whenever labels come.
+        return self._both_terms
+
+    def _token_mask(self, x, sample_weight):
+        if sample_weight is not None:
+            return sample_weight
+        if isinstance(x, dict) and "padding_mask" in x:
+            return x["padding_mask"]
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config["chunk_size"] = self.chunk_size
+        return config
