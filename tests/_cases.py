@@ -10,6 +10,7 @@ Run as a script (`python tests/_cases.py OUT.npz`), it evaluates every
 `KERAS_BACKEND` and saves the results (see `test_backends_agree.py`).
 """
 
+import itertools
 import math
 import sys
 
@@ -283,17 +284,22 @@ def backend_results():
     for name, (t, s) in logit_pairs().items():
         for temp in (1.0, 2.5):
             key = f"{name}_T{temp}"
-            out[f"kl_{key}"] = np_(kd.kl_divergence(t, s, temperature=temp))
-            out[f"sym_{key}"] = np_(
-                kd.symmetric_kl_divergence(t, s, temperature=temp)
-            )
+            # Both paths explicitly: `precise=None` picks a different one
+            # on torch than on JAX and TensorFlow.
+            for precise in (True, False):
+                path = f"{key}_{'precise' if precise else 'fast'}"
+                kwargs = {"temperature": temp, "precise": precise}
+                out[f"kl_{path}"] = np_(kd.kl_divergence(t, s, **kwargs))
+                out[f"sym_{path}"] = np_(
+                    kd.symmetric_kl_divergence(t, s, **kwargs)
+                )
+                for beta in (0.0, 0.3, 0.5, 1.0):
+                    out[f"jsd{beta}_{path}"] = np_(
+                        kd.jensen_shannon_divergence(t, s, beta, **kwargs)
+                    )
             out[f"ce_{key}"] = np_(kd.cross_entropy(t, s, temperature=temp))
             out[f"h_{key}"] = np_(kd.entropy(t, temperature=temp))
             out[f"logp_{key}"] = np_(kd.log_probabilities(s, temperature=temp))
-            for beta in (0.0, 0.3, 0.5, 1.0):
-                out[f"jsd{beta}_{key}"] = np_(
-                    kd.jensen_shannon_divergence(t, s, beta, temperature=temp)
-                )
             out[f"gp_{key}"] = np_(
                 kd.global_pointer_kl_divergence(t, s, temperature=temp)
             )
@@ -309,15 +315,17 @@ def backend_results():
             kd.paired_symmetric_kl_divergence(f32(pairs))
         )
     for name, (t, s) in extreme_pairs().items():
-        for temp in (1.0, 2.5):
+        for temp, precise in itertools.product((1.0, 2.5), (True, False)):
             key = f"{name}_T{temp}"
-            out[f"xkl_{key}"] = np_(kd.kl_divergence(t, s, temperature=temp))
-            out[f"xrkl_{key}"] = np_(kd.kl_divergence(s, t, temperature=temp))
-            out[f"xsym_{key}"] = np_(
-                kd.symmetric_kl_divergence(t, s, temperature=temp)
+            path = f"{key}_{'precise' if precise else 'fast'}"
+            kwargs = {"temperature": temp, "precise": precise}
+            out[f"xkl_{path}"] = np_(kd.kl_divergence(t, s, **kwargs))
+            out[f"xrkl_{path}"] = np_(kd.kl_divergence(s, t, **kwargs))
+            out[f"xsym_{path}"] = np_(
+                kd.symmetric_kl_divergence(t, s, **kwargs)
             )
-            out[f"xjsd_{key}"] = np_(
-                kd.jensen_shannon_divergence(t, s, temperature=temp)
+            out[f"xjsd_{path}"] = np_(
+                kd.jensen_shannon_divergence(t, s, **kwargs)
             )
             out[f"xlogp_{key}"] = np_(kd.log_probabilities(t, temperature=temp))
     t, s = teacher_zeros_pair()

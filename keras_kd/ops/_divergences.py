@@ -1,18 +1,19 @@
 """Divergences of softmax distributions: KL, entropy, cross-entropy,
 symmetric KL, Jensen-Shannon, and the R-Drop pair divergence."""
 
-import math
-
 from keras import ops
 
 from keras_kd.ops._core import (
     _as_float,
     _finite_log_probabilities,
+    _logits_of,
     _pair,
-    _times_t_squared,
     validate_beta,
     validate_temperature,
 )
+from keras_kd.ops._gradients import resolve_precise
+from keras_kd.ops._softmax_terms import _log_mixture as _log_mixture
+from keras_kd.ops._softmax_terms import softmax_divergence
 
 # ------------------------------------------------------------- divergences
 #
@@ -31,7 +32,21 @@ def _logs(y_true, y_pred, from_logits, temperature, axis):
     )
 
 
-def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
+def _divergence(
+    kind, y_true, y_pred, from_logits, temperature, axis, precise, beta=None
+):
+    temperature = validate_temperature(temperature)
+    precise = resolve_precise(precise)
+    t, s = _pair(y_true, y_pred)
+    # Probabilities become logits outside the closed-form gradient, so
+    # autodiff carries it through the log.
+    t, s = _logits_of(t, from_logits), _logits_of(s, from_logits)
+    return softmax_divergence(kind, t, s, temperature, axis, precise, beta)
+
+
+def kl_divergence(
+    y_true, y_pred, from_logits=True, temperature=1.0, axis=-1, precise=None
+):
     """Kullback-Leibler divergence `KL(P || Q)` of the target from the
     prediction.
 
@@ -59,6 +74,10 @@ def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
             probabilities whose rows sum to 1.
         temperature: softening temperature `T > 0`.
         axis: the class axis, summed away.
+        precise: `None` (default), `True` or `False`: the precise path,
+            exact to a relative 1e-5 also when student and teacher nearly
+            agree (see `keras_kd.ops`), or the fast one. `None` is precise
+            on JAX and TensorFlow and fast on torch.
 
     Returns:
         The divergence with `axis` removed, e.g. `[batch]` for
@@ -73,10 +92,9 @@ def kl_divergence(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
         Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network.
         2015. https://arxiv.org/abs/1503.02531
     """
-    temperature = validate_temperature(temperature)
-    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
-    value = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
-    return _times_t_squared(value, temperature)
+    return _divergence(
+        "kl", y_true, y_pred, from_logits, temperature, axis, precise
+    )
 
 
 def entropy(y_true, from_logits=True, temperature=1.0, axis=-1):
@@ -120,7 +138,7 @@ def cross_entropy(y_true, y_pred, from_logits=True, temperature=1.0, axis=-1):
 
 
 def symmetric_kl_divergence(
-    y_true, y_pred, from_logits=True, temperature=1.0, axis=-1
+    y_true, y_pred, from_logits=True, temperature=1.0, axis=-1, precise=None
 ):
     """Symmetric KL divergence `KL(P || Q) + KL(Q || P)`.
 
@@ -133,7 +151,9 @@ def symmetric_kl_divergence(
     For softmax outputs this equals `sum((P - Q) * (s - t))` over the logits:
     the normalizers cancel (Su, 2022).
 
-    Entries that are `-inf` in both inputs contribute 0.
+    Entries that are `-inf` in both inputs contribute 0. Every term
+    `(P - Q)(log P - log Q)` is non-negative; the precise path writes it
+    as `Q u expm1(u)` with `u = log P - log Q` exact to rounding.
 
     Args:
         y_true: logits (or probabilities) of `P`.
@@ -141,14 +161,17 @@ def symmetric_kl_divergence(
         from_logits: whether the inputs are logits.
         temperature: softening temperature `T > 0`.
         axis: the class axis, summed away.
+        precise: `None` (default), `True` or `False`: the precise path,
+            exact to a relative 1e-5 also when student and teacher nearly
+            agree (see `keras_kd.ops`), or the fast one. `None` is precise
+            on JAX and TensorFlow and fast on torch.
 
     Returns:
         The divergence with `axis` removed.
     """
-    temperature = validate_temperature(temperature)
-    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
-    value = _symmetric_kl_of_logs(log_p, log_q, axis)
-    return _times_t_squared(value, temperature)
+    return _divergence(
+        "symmetric_kl", y_true, y_pred, from_logits, temperature, axis, precise
+    )
 
 
 def _symmetric_kl_of_logs(log_p, log_q, axis=-1):
@@ -156,7 +179,13 @@ def _symmetric_kl_of_logs(log_p, log_q, axis=-1):
 
 
 def jensen_shannon_divergence(
-    y_true, y_pred, beta=0.5, from_logits=True, temperature=1.0, axis=-1
+    y_true,
+    y_pred,
+    beta=0.5,
+    from_logits=True,
+    temperature=1.0,
+    axis=-1,
+    precise=None,
 ):
     """Generalized Jensen-Shannon divergence with mixing weight `beta`.
 
@@ -171,7 +200,9 @@ def jensen_shannon_divergence(
     `T**2`). The interior formula tends to 0 at both ends, so the end points
     are defined explicitly as in GKD: `beta = 0` is the forward
     `KL(P || Q)` and `beta = 1` the reverse `KL(Q || P)`. The mixture is
-    formed in log space, never from probabilities.
+    formed in log space, never from probabilities. The precise path writes
+    both parts as sums of non-negative terms of `l = log(M / Q) =
+    log1p(beta * expm1(u))` (`u = log P - log Q`).
 
     Args:
         y_true: target logits (or probabilities) `P`, e.g. the teacher's.
@@ -180,6 +211,10 @@ def jensen_shannon_divergence(
         from_logits: whether the inputs are logits.
         temperature: softening temperature `T > 0`.
         axis: the class axis, summed away.
+        precise: `None` (default), `True` or `False`: the precise path,
+            exact to a relative 1e-5 also when student and teacher nearly
+            agree (see `keras_kd.ops`), or the fast one. `None` is precise
+            on JAX and TensorFlow and fast on torch.
 
     Returns:
         The divergence with `axis` removed.
@@ -190,30 +225,12 @@ def jensen_shannon_divergence(
         https://arxiv.org/abs/2306.13649
     """
     beta = validate_beta(beta)
-    temperature = validate_temperature(temperature)
+    args = (from_logits, temperature, axis, precise)
     if beta == 0.0:
-        return kl_divergence(y_true, y_pred, from_logits, temperature, axis)
+        return kl_divergence(y_true, y_pred, *args)
     if beta == 1.0:
-        return kl_divergence(y_pred, y_true, from_logits, temperature, axis)
-    log_p, log_q = _logs(y_true, y_pred, from_logits, temperature, axis)
-    log_m = _log_mixture(log_p, log_q, beta)
-    value = beta * ops.sum(ops.exp(log_p) * (log_p - log_m), axis=axis) + (
-        1.0 - beta
-    ) * ops.sum(ops.exp(log_q) * (log_q - log_m), axis=axis)
-    return _times_t_squared(value, temperature)
-
-
-def _log_mixture(log_p, log_q, beta):
-    # log(beta * P + (1 - beta) * Q) by a two-term logsumexp of finite logs:
-    # `high - low` never overflows, and an entry where neither has mass
-    # stays at about L. `where`, not `ops.maximum`, which computes float64
-    # in float32 on torch.
-    a = log_p + math.log(beta)
-    b = log_q + math.log1p(-beta)
-    a_lower = a < b
-    high = ops.where(a_lower, b, a)
-    low = ops.where(a_lower, a, b)
-    return high + ops.log1p(ops.exp(low - high))
+        return kl_divergence(y_pred, y_true, *args)
+    return _divergence("jsd", y_true, y_pred, *args, beta=beta)
 
 
 # ------------------------------------------------------------------ R-Drop

@@ -1,0 +1,348 @@
+"""Values and closed-form gradients of the softmax divergences (KL,
+symmetric KL, generalized JSD) from a `Pair`, and the driver that turns
+them into differentiable functions of the logits.
+
+Each `*_terms(pair, ...)` returns `(value, grads)`: the divergence per row
+(with the class axis kept, without the `T**2` factor) and a function
+returning its gradients with respect to `a = s / T` and `b = t / T`. The
+driver multiplies them by `T**2` and by `T` (`d/ds = (1 / T) d/da`).
+
+Gradients (per row; `E_Q`, `E_P` expectations):
+
+```
+KL(P || Q):     d/da = Q - P                  d/db = P (u - KL)
+sym. KL:        d/da = Q (E_Q[u] - u) - (P - Q)
+                d/db = P (u - E_P[u]) + (P - Q)
+JSD_beta:       d/da = (1 - beta) Q (E_Q[l] - l),   l = log(M / Q)
+                d/db = beta P (x - E_P[x]),         x = log(P / M)
+```
+
+In a row where one distribution has no mass at all (every logit `-inf`)
+the gradients are 0: nothing there can move.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_kd.ops import _log_ratio as lr
+from keras_kd.ops._core import _constant, _log_softmax, _reduce_max
+from keras_kd.ops._gradients import torch_eager, with_gradient
+
+
+def rowdot(x, y, axis):
+    """`sum(x * y, axis, keepdims=True)`.
+
+    On torch, for the last axis, `einsum` over blocks of 128 classes and a
+    sum over the blocks: it reads both operands without writing their
+    product to memory (each intermediate is a pass over memory there), and
+    two-level accumulation keeps float32 rounding near that of `ops.sum`
+    (one `einsum` over 32000 classes is 15x less accurate).
+    """
+    if keras.backend.backend() != "torch" or axis not in (-1, x.ndim - 1):
+        return ops.sum(x * y, axis=axis, keepdims=True)
+    classes = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    if classes <= 2 * _BLOCK:
+        return ops.expand_dims(ops.einsum("...i,...i->...", x, y), -1)
+    blocks = classes // _BLOCK
+    head = blocks * _BLOCK
+
+    def split(z):
+        return ops.reshape(z[..., :head], lead + (blocks, _BLOCK))
+
+    total = ops.sum(
+        ops.einsum("...jk,...jk->...j", split(x), split(y)), axis=-1
+    )
+    if head < classes:
+        total = total + ops.einsum(
+            "...i,...i->...", x[..., head:], y[..., head:]
+        )
+    return ops.expand_dims(total, -1)
+
+
+_BLOCK = 128
+
+
+def _non_negative(x):
+    # Rounding can leave a fast-path divergence a few ulp below 0; `where`
+    # keeps NaN (a NaN row stays NaN).
+    return ops.where(x < 0.0, 0.0, x)
+
+
+def _spread(weight, x, mean):
+    """`weight * (x - mean)` as a difference of products: where the weight
+    is 0, `x` and `mean` may be near opposite float limits and their
+    difference overflow (`0 * inf` is NaN)."""
+    return weight * x - weight * mean
+
+
+def _masked(x, rows):
+    return x if rows is None else ops.where(rows, x, 0.0)
+
+
+def kl_terms(pair, teacher_grad=True):
+    axis = pair.axis
+    if pair.precise:
+        value = lr.rowsum(pair.q_phi(), axis)
+    else:
+        p = pair.p
+        value = rowdot(p, pair.log_p, axis) - rowdot(p, pair.log_q, axis)
+        value = _non_negative(value)
+    if pair.precise:
+        # No target mass: nothing to match (the identities behind `q_phi`
+        # assume P sums to 1); 0, or NaN if the student's row is NaN.
+        nothing = lr.rowsum(pair.q, axis) * 0.0
+        value = ops.where(pair.empty_p, nothing, value)
+
+    if not teacher_grad:
+        pair.release("log_p")
+
+    def grads():
+        if pair.precise:
+            grad_a = -pair.p_minus_q()
+        grad_b = None
+        if teacher_grad:
+            grad_b = _masked(_spread(pair.p, pair.u, value), pair.regular)
+        if not pair.precise:
+            pair.release("log_p", "u")
+            q = pair.q
+            pair.release("log_q")
+            grad_a = q - pair.p
+        pair.release("p", "q", "e")
+        return _masked(grad_a, pair.regular), grad_b
+
+    return value, grads
+
+
+def symmetric_kl_terms(pair, teacher_grad=True):
+    axis = pair.axis
+    difference = pair.p_minus_q()
+    # (P - Q) u >= 0 term by term: P - Q has the sign of u.
+    value = _non_negative(lr.rowsum(difference * pair.u, axis))
+
+    def grads():
+        q, p, u = pair.q, pair.p, pair.u
+        if pair.precise:
+            mean_q = -lr.rowsum(pair.q_psi(), axis)  # E_Q[u] = -KL(Q||P)
+            mean_p = lr.rowsum(pair.q_phi(), axis)  # E_P[u] = KL(P||Q)
+        else:
+            mean_q, mean_p = rowdot(q, u, axis), rowdot(p, u, axis)
+        grad_a = _masked(-_spread(q, u, mean_q) - difference, pair.regular)
+        grad_b = None
+        if teacher_grad:
+            grad_b = _masked(_spread(p, u, mean_p) + difference, pair.regular)
+        return grad_a, grad_b
+
+    return value, grads
+
+
+def jsd_terms(pair, beta, teacher_grad=True):
+    """Generalized JSD with `0 < beta < 1` (see `jensen_shannon_divergence`).
+
+    Precise: with `l = log(M / Q) = log1p(beta expm1(u))` and
+    `x = log(P / M) = u - l`, `KL(Q || M) = sum Q psi(l)` and
+    `KL(P || M) = sum M phi(x)`, both termwise non-negative.
+    """
+    axis, q, p = pair.axis, pair.q, pair.p
+    if pair.precise:
+        to_mix, from_mix, x, l_ = _precise_jsd_parts(pair, beta)
+    else:
+        log_m = _log_mixture(pair.log_p, pair.log_q, beta)
+        l_, x = log_m - pair.log_q, pair.log_p - log_m
+        to_mix, from_mix = p * x, -(q * l_)
+    kl_pm = lr.rowsum(to_mix, axis)  # KL(P || M)
+    kl_qm = lr.rowsum(from_mix, axis)  # KL(Q || M)
+    value = _non_negative(beta * kl_pm + (1.0 - beta) * kl_qm)
+    if pair.precise:
+        # The identities behind the precise terms assume both sum to 1; a
+        # row where one has no mass has a closed form.
+        dtype = value.dtype
+        fallback = ops.where(
+            pair.empty_p, 0.0, _constant(-beta * math.log(beta), dtype)
+        )
+        fallback = fallback + ops.where(
+            pair.empty_q, 0.0, _constant(-(1 - beta) * math.log1p(-beta), dtype)
+        )
+        # ... and NaN where the side with mass has a NaN.
+        fallback = fallback + lr.rowsum(p + q, axis) * 0.0
+        value = ops.where(pair.regular, value, fallback)
+
+    def grads():
+        # E_Q[l] = -KL(Q || M), E_P[x] = KL(P || M).
+        grad_a = _spread(q, l_, -kl_qm) * -(1.0 - beta)
+        grad_a = _masked(grad_a, pair.regular)
+        grad_b = None
+        if teacher_grad:
+            grad_b = _masked(_spread(p, x, kl_pm) * beta, pair.regular)
+        return grad_a, grad_b
+
+    return value, grads
+
+
+def _precise_jsd_parts(pair, beta):
+    u, q, p, e = pair.u, pair.q, pair.p, pair.e
+    below = pair.below_one
+    # l = log(beta e^u + 1 - beta); above u = 1 as u + log(beta) + log1p(..)
+    # of exp(-u) <= 1/e, exact for any u.
+    far_u = ops.where(below, 1.0, u)
+    x_far = -math.log(beta) - ops.log1p((1.0 - beta) / beta * ops.exp(-far_u))
+    l_near = ops.log1p(beta * e)
+    l_ = ops.where(below, l_near, far_u - x_far)
+    # x = u - l without the cancellation of two large numbers above u = 1;
+    # x <= -log(beta), so expm1(x) cannot overflow.
+    x = ops.where(below, u - l_near, x_far)
+    mix = beta * p + (1.0 - beta) * q
+    x_small = ops.abs(x) < lr.SERIES_BELOW
+    ex = ops.expm1(x)
+    to_mix = ops.where(
+        x_small,
+        mix * lr.series(ops.where(x_small, x, 0.0), "phi"),
+        mix * (x * (1.0 + ex) - ex),
+    )
+    l_small = ops.abs(l_) < lr.SERIES_BELOW
+    # e^l - 1 = beta expm1(u) exactly, and M - Q = beta (P - Q).
+    from_mix = ops.where(
+        l_small,
+        q * lr.series(ops.where(l_small, l_, 0.0), "psi"),
+        ops.where(below, q * (beta * e - l_), beta * (p - q) - q * l_),
+    )
+    return to_mix, from_mix, x, l_
+
+
+def _log_mixture(log_p, log_q, beta):
+    # log(beta * P + (1 - beta) * Q) by a two-term logsumexp of finite logs:
+    # `high - low` never overflows, and an entry where neither has mass
+    # stays at about L. `where`, not `ops.maximum`, which computes float64
+    # in float32 on torch.
+    a = log_p + math.log(beta)
+    b = log_q + math.log1p(-beta)
+    a_lower = a < b
+    high = ops.where(a_lower, b, a)
+    low = ops.where(a_lower, a, b)
+    return high + ops.log1p(ops.exp(low - high))
+
+
+TERMS = {
+    "kl": kl_terms,
+    "symmetric_kl": symmetric_kl_terms,
+    "jsd": jsd_terms,
+}
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _expand(x, axis, ndim):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for a in sorted(a % ndim for a in axes):
+        x = ops.expand_dims(x, a)
+    return x
+
+
+def _squeeze(x, axis):
+    return ops.squeeze(x, axis=axis)
+
+
+def _plain_scaled(x, temperature, axis):
+    """`x / T` with at most one rounding per entry of the differences
+    that matter: exact for a power of two, else after subtracting the row
+    maximum (for logits near 1e4, `x / T` alone loses 1e-4)."""
+    if temperature == 1.0:
+        return x
+    if math.frexp(temperature)[0] == 0.5:
+        return x * (1.0 / temperature)
+    top = ops.stop_gradient(_reduce_max(x, axis))
+    return (x - top) * (1.0 / temperature)
+
+
+def _optimistic_pair(t, s, temperature, axis):
+    """torch's fast path: plain `log_softmax`, no guard for `-inf`, NaN or
+    logits near the float limit. Every such input makes the value
+    non-finite, which the caller checks (one host sync on a row vector)
+    before trusting it; each guard would otherwise be a pass over memory.
+    """
+    log_p = ops.log_softmax(_plain_scaled(t, temperature, axis), axis=axis)
+    log_q = ops.log_softmax(_plain_scaled(s, temperature, axis), axis=axis)
+    return lr.Pair(log_p, log_q, axis, flags=False)
+
+
+def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
+    """`T**2 * D(softmax(t / T), softmax(s / T))` per row, with its
+    closed-form gradient.
+
+    Args:
+        kind: `"kl"`, `"symmetric_kl"` or `"jsd"` (then `0 < beta < 1`).
+        t, s: teacher and student logits, same shape and float dtype.
+        temperature: a validated temperature (float or scalar tensor).
+        axis: the class axis (int or tuple), summed away.
+        precise: whether to use the precise path.
+        beta: the JSD mixing weight.
+
+    Returns:
+        The divergence with `axis` removed.
+    """
+    terms = TERMS[kind]
+    extra = () if beta is None else (beta,)
+    constant = isinstance(temperature, float)
+    constants = () if constant else (ops.cast(temperature, t.dtype),)
+    ndim = len(t.shape)
+
+    def forward(t, s, *temp, eager):
+        temp = temperature if constant else temp[0]
+        teacher_grad = not eager or bool(getattr(t, "requires_grad", True))
+        found = None
+        optimistic = (
+            not precise and constant and isinstance(axis, int) and torch_eager()
+        )
+        if optimistic:
+            pair = _optimistic_pair(t, s, temp, axis)
+            pair.frugal = eager
+            found = terms(pair, *extra, teacher_grad)
+            del pair
+            if not bool(ops.all(ops.isfinite(found[0]))):
+                found = None
+        if found is None:
+            pair = lr.softmax_pair(t, s, temp, axis, precise)
+            pair.frugal = eager
+            found = terms(pair, *extra, teacher_grad)
+        value, grads = found
+        del found
+        value = _squeeze(value, axis) * (temp * temp)
+        if eager:
+            computed = grads()  # now, so that the pieces can be freed
+            grads = lambda: computed  # noqa: E731
+
+        def scaled_grads(upstream):
+            up = _expand(upstream, axis, ndim) * temp
+            grad_a, grad_b = grads()
+            return grad_b if grad_b is None else grad_b * up, grad_a * up
+
+        return value, scaled_grads
+
+    def reference(t, s, *temp):
+        temp = temperature if constant else temp[0]
+        return reference_divergence(kind, t, s, temp, axis, beta)
+
+    return with_gradient(forward, reference, (t, s), constants)
+
+
+def reference_divergence(kind, t, s, temperature, axis, beta=None):
+    """The plain formula on the log-softmax engine, differentiable by
+    autodiff (the second-order fallback on torch)."""
+    log_p = _log_softmax(t, axis, temperature)
+    log_q = _log_softmax(s, axis, temperature)
+    p, q = ops.exp(log_p), ops.exp(log_q)
+    if kind == "kl":
+        value = ops.sum(p * (log_p - log_q), axis=axis)
+    elif kind == "symmetric_kl":
+        value = ops.sum((p - q) * (log_p - log_q), axis=axis)
+    else:
+        log_m = _log_mixture(log_p, log_q, beta)
+        value = beta * ops.sum(p * (log_p - log_m), axis=axis) + (
+            1.0 - beta
+        ) * ops.sum(q * (log_q - log_m), axis=axis)
+    if isinstance(temperature, float):
+        return value * (temperature * temperature)
+    return value * ops.cast(temperature, value.dtype) ** 2
