@@ -130,9 +130,15 @@ def timing_table(tokens, hidden, vocab, repeats):
         run = step(loss_fn)
         value = float(ops.convert_to_numpy(run(*tensors)[0]))
         memory = common.peak_rss_growth(lambda run=run: run(*tensors))
-        fns[label] = (lambda run=run: run(*tensors))
-        rows.append([label, None, f"{memory / 2**20:.0f}",
-                     common.fmt(abs(value - truth) / truth, 2)])
+        fns[label] = lambda run=run: run(*tensors)
+        rows.append(
+            [
+                label,
+                None,
+                f"{memory / 2**20:.0f}",
+                common.fmt(abs(value - truth) / truth, 2),
+            ]
+        )
     samples = common.time_interleaved(fns, repeats, warmup=1)
     dense_median = common.summary(samples[rows[0][0]])[0]
     for row in rows:
@@ -161,10 +167,14 @@ def jax_memory_table(token_counts, hidden, vocab):
         for label, loss_fn in losses().items():
             compiled = step(loss_fn).lower(*specs).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
-            rows.append([
-                str(tokens), label, f"{temp / 2**20:.1f}",
-                common.fmt(temp / one, 2),
-            ])
+            rows.append(
+                [
+                    str(tokens),
+                    label,
+                    f"{temp / 2**20:.1f}",
+                    common.fmt(temp / one, 2),
+                ]
+            )
     header = [
         "tokens",
         "implementation",
@@ -180,8 +190,13 @@ def main(argv=None):
     if args.quick:
         tokens, hidden, vocab, repeats, counts = 256, 64, 4000, 3, (256, 512)
     else:
-        tokens, hidden, vocab, repeats, counts = 2048, 256, 32000, 5, (
-            2048, 8192)
+        tokens, hidden, vocab, repeats, counts = (
+            2048,
+            256,
+            32000,
+            5,
+            (2048, 8192),
+        )
     if name == "torch":
         import torch
 

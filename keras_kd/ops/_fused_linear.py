@@ -83,14 +83,15 @@ def _same_leading(name, x, hidden, extra_dims=0):
         a is None or b is None or a == b for a, b in zip(shape, lead)
     )
     if not ok:
-        raise _shape_error(
-            name, f"the hidden states' leading shape {lead}", x
-        )
+        raise _shape_error(name, f"the hidden states' leading shape {lead}", x)
 
 
 def _cap(name, value):
-    return None if value is None else _checks.number(name, value, low=0.0,
-                                                     low_open=True)
+    return (
+        None
+        if value is None
+        else _checks.number(name, value, low=0.0, low_open=True)
+    )
 
 
 def _weight(name, value):
@@ -144,9 +145,7 @@ def _call(
         # Padded vocabularies: the student's ids are the first `vocab`.
         if t_vocab != vocab:
             cut = slice(0, vocab)
-            t_kernel = (
-                t_kernel[:, cut] if layouts[1] == "hv" else t_kernel[cut]
-            )
+            t_kernel = t_kernel[:, cut] if layouts[1] == "hv" else t_kernel[cut]
     labels, mask = _tensor(labels), _tensor(mask)
     for name, value in (("labels", labels), ("mask", mask)):
         if value is not None:
