@@ -24,8 +24,12 @@ Run by hand, once per backend (a few minutes each on a 2-core CPU):
     KERAS_BACKEND=tensorflow python -m benchmarks.bench_fused_linear
     KERAS_BACKEND=torch python -m benchmarks.bench_fused_linear
 
-It prints markdown; it writes no file. `--quick` is a smoke run.
+It prints markdown; it writes no file. `--quick` is a smoke run;
+`--memory-case NAME --shape T,H,V` is the child process that measures one
+implementation's first-call memory in a fresh interpreter.
 """
+
+import json
 
 import numpy as np
 
@@ -63,10 +67,17 @@ def losses():
         return loss
 
     return {
-        "dense (logits + kl_divergence)": dense,
-        "fused, default chunk": fused(None),
-        "fused, 256-token chunks": fused(256),
+        "dense": dense,
+        "fused": fused(None),
+        "fused256": fused(256),
     }
+
+
+LABELS = {
+    "dense": "dense (logits + kl_divergence)",
+    "fused": "fused, default chunk",
+    "fused256": "fused, 256-token chunks",
+}
 
 
 def step(loss_fn):
@@ -119,6 +130,19 @@ def reference(hs, ks, ht, kt):
     return T * T * float(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
 
 
+def first_call_memory(case, tokens, hidden, vocab):
+    """Peak RSS growth of the first step of `case`, in a fresh process (no
+    memory left over from another implementation; TensorFlow's allocator
+    keeps what a call freed, so only a first call shows its peak)."""
+    from keras import ops
+
+    tensors = [
+        ops.convert_to_tensor(x) for x in make_inputs(tokens, hidden, vocab)
+    ]
+    run = step(losses()[case])
+    return common.peak_rss_growth(lambda: run(*tensors))
+
+
 def timing_table(tokens, hidden, vocab, repeats):
     from keras import ops
 
@@ -126,29 +150,23 @@ def timing_table(tokens, hidden, vocab, repeats):
     tensors = [ops.convert_to_tensor(x) for x in arrays]
     truth = reference(*arrays)
     fns, rows = {}, []
-    for label, loss_fn in losses().items():
-        run, first = step(loss_fn), []
-        # The first call: TensorFlow's allocator keeps what a call freed, so
-        # later calls show no growth (tracing and compiling are included).
-        memory = common.peak_rss_growth(
-            lambda run=run: first.append(run(*tensors)[0])
-        )
-        value = float(ops.convert_to_numpy(first[0]))
-        fns[label] = lambda run=run: run(*tensors)
-        rows.append(
-            [
-                label,
-                None,
-                f"{memory / 2**20:.0f}",
-                common.fmt(abs(value - truth) / truth, 2),
-            ]
-        )
+    for case, loss_fn in losses().items():
+        memory = common.run_child(
+            "benchmarks.bench_fused_linear",
+            ["--memory-case", case, "--shape", f"{tokens},{hidden},{vocab}"],
+        )["bytes"]
+        run = step(loss_fn)
+        value = float(ops.convert_to_numpy(run(*tensors)[0]))
+        fns[case] = lambda run=run: run(*tensors)
+        error = common.fmt(abs(value - truth) / truth, 2)
+        rows.append([case, None, f"{memory / 2**20:.0f}", error])
     samples = common.time_interleaved(fns, repeats, warmup=1)
-    dense_median = common.summary(samples[rows[0][0]])[0]
+    dense_median = common.summary(samples["dense"])[0]
     for row in rows:
         median = common.summary(samples[row[0]])[0]
         row[1] = common.format_ms(samples[row[0]])
         row.insert(2, common.fmt(dense_median / median, 2))
+        row[0] = LABELS[row[0]]
     header = [
         "implementation",
         "forward+backward ms, median (quartiles)",
@@ -168,13 +186,13 @@ def jax_memory_table(token_counts, hidden, vocab):
         shapes = [(tokens, hidden), (hidden, vocab)] * 2
         specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
         one = tokens * vocab * 4
-        for label, loss_fn in losses().items():
+        for case, loss_fn in losses().items():
             compiled = step(loss_fn).lower(*specs).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
             rows.append(
                 [
                     str(tokens),
-                    label,
+                    LABELS[case],
                     f"{temp / 2**20:.1f}",
                     common.fmt(temp / one, 2),
                 ]
@@ -188,8 +206,22 @@ def jax_memory_table(token_counts, hidden, vocab):
     return common.markdown_table(header, rows)
 
 
+def _memory_arguments(parser):
+    parser.add_argument("--memory-case", choices=sorted(LABELS))
+    parser.add_argument("--shape", help="tokens,hidden,vocab")
+
+
 def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    args = common.parse_args(
+        __doc__.splitlines()[0], argv, add_arguments=_memory_arguments
+    )
+    if args.memory_case:
+        # The child process of `timing_table`: one JSON line.
+        shape = [int(x) for x in args.shape.split(",")]
+        print(
+            json.dumps({"bytes": first_call_memory(args.memory_case, *shape)})
+        )
+        return
     name = common.backend()
     if args.quick:
         tokens, hidden, vocab, repeats, counts = 256, 64, 4000, 3, (256, 512)
