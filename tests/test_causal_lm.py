@@ -216,3 +216,31 @@ def test_same_layer_names_in_teacher_and_student_train_like_the_student():
         model.fit(x, labels, batch_size=4, epochs=2, shuffle=False, verbose=0)
     for a, b in zip(student.get_weights(), alone.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="keras.distribution on JAX"
+)
+def test_data_and_model_parallel_match_one_device():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(tests),
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    result = subprocess.run(
+        [sys.executable, str(tests / "_causal_lm_distributed.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "matches one device" in result.stdout
