@@ -300,20 +300,31 @@ def backend_results():
             out[f"ce_{key}"] = np_(kd.cross_entropy(t, s, temperature=temp))
             out[f"h_{key}"] = np_(kd.entropy(t, temperature=temp))
             out[f"logp_{key}"] = np_(kd.log_probabilities(s, temperature=temp))
+            # The fast GlobalPointer path is plain sigmoids, whose rounding
+            # differs between backends (`test_ops_multilabel.py` bounds it).
             out[f"gp_{key}"] = np_(
-                kd.global_pointer_kl_divergence(t, s, temperature=temp)
+                kd.global_pointer_kl_divergence(t, s, temp, precise=True)
             )
             out[f"bsym_{key}"] = np_(
-                kd.binary_symmetric_kl_divergence(t, s, temperature=temp)
+                kd.binary_symmetric_kl_divergence(t, s, temp, precise=True)
             )
         labels = (t > 0).astype("float32")
         out[f"mlce_{name}"] = np_(
             kd.multilabel_categorical_crossentropy(labels, s)
         )
         pairs = np.repeat(s[:4], 2, axis=0) + np.tile([[0.0], [0.5]], (4, 1))
-        out[f"paired_{name}"] = np_(
-            kd.paired_symmetric_kl_divergence(f32(pairs))
-        )
+        for precise in (True, False):
+            out[f"paired_{name}_{precise}"] = np_(
+                kd.paired_symmetric_kl_divergence(f32(pairs), precise=precise)
+            )
+        if name in ("random", "confident30"):
+            labels = np.arange(len(t)) % t.shape[-1]
+            for precise in (True, False):
+                out[f"dkd_{name}_{precise}"] = np_(
+                    kd.decoupled_kd(
+                        t, s, labels, 1.0, 8.0, 2.5, precise=precise
+                    )
+                )
     for name, (t, s) in extreme_pairs().items():
         for temp, precise in itertools.product((1.0, 2.5), (True, False)):
             key = f"{name}_T{temp}"
@@ -336,7 +347,9 @@ def backend_results():
     )
     for mask_value in (NEG_INF, -1e12):
         t, s, labels = global_pointer_logits(mask_value=mask_value)
-        out[f"gp4_{mask_value}"] = np_(kd.global_pointer_kl_divergence(t, s))
+        out[f"gp4_{mask_value}"] = np_(
+            kd.global_pointer_kl_divergence(t, s, precise=True)
+        )
         out[f"mlce4_{mask_value}"] = np_(
             kd.multilabel_categorical_crossentropy(labels, s)
         )

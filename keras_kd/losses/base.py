@@ -5,6 +5,7 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.ops._gradients import resolve_precise
 
 
 class DivergenceLoss(keras.losses.Loss):
@@ -25,6 +26,12 @@ class DivergenceLoss(keras.losses.Loss):
             fn_kwargs["temperature"] = _checks.temperature(
                 fn_kwargs["temperature"]
             )
+        if "precise" in fn_kwargs:
+            # Checked now, kept as given: `None` is resolved per backend
+            # when the loss runs, and a saved config stays portable.
+            resolve_precise(fn_kwargs["precise"])
+            precise = fn_kwargs["precise"]
+            fn_kwargs["precise"] = None if precise is None else bool(precise)
         for key, value in fn_kwargs.items():
             setattr(self, key, value)
 

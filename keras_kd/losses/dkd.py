@@ -51,6 +51,8 @@ class DecoupledKD(DivergenceLoss):
         reduction: a Keras reduction, default `"sum_over_batch_size"`.
         name: the loss name.
         dtype: the dtype of the loss computation.
+        precise: `None` (precise on JAX and TensorFlow, fast on torch),
+            `True` or `False` (see `keras_kd.ops.decoupled_kd`).
 
     Example:
 
@@ -72,7 +74,7 @@ class DecoupledKD(DivergenceLoss):
     """
 
     fn = staticmethod(_dkd.decoupled_kd)
-    _fn_args = ("alpha", "beta", "temperature", "axis")
+    _fn_args = ("alpha", "beta", "temperature", "axis", "precise")
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class DecoupledKD(DivergenceLoss):
         reduction="sum_over_batch_size",
         name="decoupled_kd",
         dtype=None,
+        precise=None,
     ):
         super().__init__(
             reduction,
@@ -93,6 +96,7 @@ class DecoupledKD(DivergenceLoss):
             beta=_checks.non_negative("beta", beta),
             temperature=temperature,
             axis=axis,
+            precise=precise,
         )
         self.warmup_steps = _checks.integer("warmup_steps", warmup_steps, 0)
         self.step = None
@@ -114,6 +118,7 @@ class DecoupledKD(DivergenceLoss):
             self.beta,
             self.temperature,
             self.axis,
+            self.precise,
         )
         return value * self._ramp(value.dtype)
 

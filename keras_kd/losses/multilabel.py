@@ -23,16 +23,22 @@ class GlobalPointerKLDivergence(DivergenceLoss):
     heads. Masked entries (`-inf`, or large negatives in both inputs)
     contribute exactly 0.
 
+    Every entry is non-negative. The precise path (the default on JAX and
+    TensorFlow) is exact to a relative 1e-5 also for nearly equal logits
+    and at `T = 1000`; the gradient is a closed form.
+
     Args:
         temperature: softening temperature `T > 0`.
         axis: the axes of one label set; `None` for the rule above.
         reduction: a Keras reduction, default `"sum_over_batch_size"`.
         name: the loss name.
         dtype: the dtype of the loss computation.
+        precise: `None` (precise on JAX and TensorFlow, fast on torch),
+            `True` or `False` (see `keras_kd.ops`).
     """
 
     fn = staticmethod(kd_ops.global_pointer_kl_divergence)
-    _fn_args = ("temperature", "axis")
+    _fn_args = ("temperature", "axis", "precise")
 
     def __init__(
         self,
@@ -41,9 +47,15 @@ class GlobalPointerKLDivergence(DivergenceLoss):
         reduction="sum_over_batch_size",
         name="global_pointer_kl_divergence",
         dtype=None,
+        precise=None,
     ):
         super().__init__(
-            reduction, name, dtype, temperature=temperature, axis=axis
+            reduction,
+            name,
+            dtype,
+            temperature=temperature,
+            axis=axis,
+            precise=precise,
         )
 
 

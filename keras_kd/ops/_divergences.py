@@ -236,7 +236,9 @@ def jensen_shannon_divergence(
 # ------------------------------------------------------------------ R-Drop
 
 
-def paired_symmetric_kl_divergence(y_pred, divergence=None, from_logits=True):
+def paired_symmetric_kl_divergence(
+    y_pred, divergence=None, from_logits=True, precise=None
+):
     """Symmetric divergence between the two rows of each interleaved pair.
 
     The batch holds each example twice in a row, `[x0, x0, x1, x1, ...]`, as
@@ -249,6 +251,8 @@ def paired_symmetric_kl_divergence(y_pred, divergence=None, from_logits=True):
             removed; defaults to `symmetric_kl_divergence` with
             `from_logits`.
         from_logits: whether `y_pred` holds logits (default divergence only).
+        precise: the path of the default divergence (see
+            `symmetric_kl_divergence`).
 
     Returns:
         The divergence per row, `[2 * pairs, ...]` without the class axis.
@@ -264,7 +268,9 @@ def paired_symmetric_kl_divergence(y_pred, divergence=None, from_logits=True):
     if divergence is None:
 
         def divergence(a, b):
-            return symmetric_kl_divergence(a, b, from_logits=from_logits)
+            return symmetric_kl_divergence(
+                a, b, from_logits=from_logits, precise=precise
+            )
 
     value = divergence(y_pred[0::2], y_pred[1::2])
     return ops.repeat(value, 2, axis=0)

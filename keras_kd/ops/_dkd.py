@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.ops import _log_ratio as lr
 from keras_kd.ops._core import (
     _log_softmax,
     _lowest,
@@ -15,6 +16,7 @@ from keras_kd.ops._core import (
     _weight,
     validate_temperature,
 )
+from keras_kd.ops._gradients import resolve_precise, with_gradient
 
 
 def _target_mask(labels, logits, axis):
@@ -78,11 +80,9 @@ def _log_binary(log_p, mask):
     return ops.stack([log_target, log_rest], axis=-1)
 
 
-def _kl_of_logs(log_p, log_q):
-    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
-
-
-def target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
+def target_class_kd(
+    y_true, y_pred, labels, temperature=1.0, axis=-1, precise=None
+):
     """TCKD: KL of the binary (target, all others) distributions.
 
     Formula:
@@ -99,20 +99,18 @@ def target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
             whose label is not in `[0, classes)` gives NaN.
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
+        precise: `None` (precise on JAX and TensorFlow, fast on torch),
+            `True` or `False`; see `decoupled_kd`.
 
     Returns:
         The divergence with the class axis removed.
     """
-    temperature = validate_temperature(temperature)
-    y_true, y_pred = _pair(y_true, y_pred)
-    mask, valid = _target_mask(labels, y_true, axis)
-    b_true = _log_binary(_log_softmax(y_true, -1, temperature), mask)
-    b_pred = _log_binary(_log_softmax(y_pred, -1, temperature), mask)
-    value = _where_valid(valid, _kl_of_logs(b_true, b_pred))
-    return _times_t_squared(value, temperature)
+    return _dkd(y_true, y_pred, labels, 1.0, 0.0, temperature, axis, precise)
 
 
-def non_target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
+def non_target_class_kd(
+    y_true, y_pred, labels, temperature=1.0, axis=-1, precise=None
+):
     """NCKD: KL of the distributions over the non-target classes.
 
     The target logit is set to `-inf` and the rest renormalized, which is
@@ -132,17 +130,13 @@ def non_target_class_kd(y_true, y_pred, labels, temperature=1.0, axis=-1):
             whose label is not in `[0, classes)` gives NaN.
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
+        precise: `None` (precise on JAX and TensorFlow, fast on torch),
+            `True` or `False`; see `decoupled_kd`.
 
     Returns:
         The divergence with the class axis removed.
     """
-    temperature = validate_temperature(temperature)
-    y_true, y_pred = _pair(y_true, y_pred)
-    mask, valid = _target_mask(labels, y_true, axis)
-    log_p = _log_softmax(_drop_target(y_true, mask), -1, temperature)
-    log_q = _log_softmax(_drop_target(y_pred, mask), -1, temperature)
-    value = _where_valid(valid, _kl_of_logs(log_p, log_q))
-    return _times_t_squared(value, temperature)
+    return _dkd(y_true, y_pred, labels, 0.0, 1.0, temperature, axis, precise)
 
 
 def _drop_target(logits, mask):
@@ -152,7 +146,14 @@ def _drop_target(logits, mask):
 
 
 def decoupled_kd(
-    y_true, y_pred, labels, alpha=1.0, beta=8.0, temperature=1.0, axis=-1
+    y_true,
+    y_pred,
+    labels,
+    alpha=1.0,
+    beta=8.0,
+    temperature=1.0,
+    axis=-1,
+    precise=None,
 ):
     """Decoupled knowledge distillation (DKD) of Zhao et al. (2022).
 
@@ -169,6 +170,11 @@ def decoupled_kd(
     distribution by masking the target logit to `-inf`, `log(1 - p)` by a
     logsumexp over the other classes. No probability is logged, so
     confident logits (a target probability of 1 in float32) stay exact.
+    The gradient is a closed form (`_dkd_terms`). On the precise path both
+    parts come from the log-ratio `u = log P - log Q` of the full
+    distributions, exact to rounding (`keras_kd.ops`): with
+    `v = log((1 - p_t) / (1 - q_t))`, `TCKD = q_t phi(u_t) +
+    (1 - q_t) phi(v)` and `NCKD = sum_{i != t} q_hat_i phi(u_i - v)`.
 
     Args:
         y_true: teacher logits `[..., classes]`.
@@ -179,6 +185,8 @@ def decoupled_kd(
         beta: weight of NCKD (8.0 in the paper for CIFAR-100).
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
+        precise: `None` (precise on JAX and TensorFlow, fast on torch),
+            `True` or `False`.
 
     Returns:
         The loss with the class axis removed.
@@ -188,6 +196,139 @@ def decoupled_kd(
         CVPR 2022. https://arxiv.org/abs/2203.08679
     """
     alpha, beta = _weight("alpha", alpha), _weight("beta", beta)
-    tckd = target_class_kd(y_true, y_pred, labels, temperature, axis)
-    nckd = non_target_class_kd(y_true, y_pred, labels, temperature, axis)
-    return alpha * tckd + beta * nckd
+    return _dkd(y_true, y_pred, labels, alpha, beta, temperature, axis, precise)
+
+
+def _dkd(y_true, y_pred, labels, alpha, beta, temperature, axis, precise):
+    temperature = validate_temperature(temperature)
+    precise = resolve_precise(precise)
+    t, s = _pair(y_true, y_pred)
+    mask, valid = _target_mask(labels, t, axis)
+    dtype = t.dtype
+    # Python numbers stay in the closures; tensors (a temperature or a
+    # weight in a variable) travel as arguments without a gradient.
+    fixed = {"temperature": temperature, "alpha": alpha, "beta": beta}
+    tensors = {k: v for k, v in fixed.items() if not isinstance(v, float)}
+    names = sorted(tensors)
+    constants = [ops.cast(mask, dtype), ops.cast(valid, dtype)]
+    constants += [ops.cast(tensors[k], dtype) for k in names]
+
+    def unpack(extra):
+        found = dict(fixed, **dict(zip(names, extra[2:])))
+        return extra[0] > 0.5, extra[1] > 0.5, found
+
+    def forward(t, s, *extra, eager):
+        mask, valid, found = unpack(extra)
+        temp = found["temperature"]
+        tckd, nckd, grads = _dkd_terms(t, s, mask, temp, precise)
+        alpha, beta = found["alpha"], found["beta"]
+        value = (alpha * tckd + beta * nckd) * (temp * temp)
+        value = ops.where(valid, value, math.nan)
+
+        def weighted(upstream):
+            up = ops.expand_dims(ops.where(valid, upstream, 0.0), -1) * temp
+            (ta, tb), (na, nb) = grads()
+            return (alpha * tb + beta * nb) * up, (alpha * ta + beta * na) * up
+
+        return value, weighted
+
+    def reference(t, s, *extra):
+        mask, valid, found = unpack(extra)
+        temp = found["temperature"]
+        tckd, nckd = _reference_terms(t, s, mask, temp)
+        value = found["alpha"] * tckd + found["beta"] * nckd
+        return ops.where(valid, _times_t_squared(value, temp), math.nan)
+
+    return with_gradient(forward, reference, (t, s), constants)
+
+
+def _dkd_terms(t, s, mask, temperature, precise):
+    """TCKD and NCKD per row (without `T**2`) and a function returning
+    their gradients `((d TCKD / da, d TCKD / db), (d NCKD / da, ...))`
+    with respect to `a = s / T` and `b = t / T`:
+
+    ```
+    d TCKD / da = (q_t - p_t) (onehot - q_hat)
+    d TCKD / db = g p_t (1 - p_t) (onehot - p_hat),
+                  g = log(p_t / q_t) - log((1 - p_t) / (1 - q_t))
+    d NCKD / da = q_hat - p_hat       d NCKD / db = p_hat (u_hat - NCKD)
+    ```
+    """
+    lowest = _lowest(t.dtype)
+    log_p = _log_softmax(t, -1, temperature)
+    log_q = _log_softmax(s, -1, temperature)
+    (lpt, l1p), (lqt, l1q) = (
+        _binary_parts(log_p, mask),
+        _binary_parts(log_q, mask),
+    )
+    # The non-target distributions, straight from the logits.
+    hat_lp = _log_softmax(_drop_target(t, mask), -1, temperature)
+    hat_lq = _log_softmax(_drop_target(s, mask), -1, temperature)
+    hat_p, hat_q = ops.exp(hat_lp), ops.exp(hat_lq)
+    pt, qt = ops.exp(lpt), ops.exp(lqt)
+    if precise:
+        pair = lr.softmax_pair(t, s, temperature, -1, True)
+        u_t = ops.sum(ops.where(mask, pair.u, 0.0), axis=-1, keepdims=True)
+        rest = ops.sum(
+            ops.where(mask, 0.0, pair.p_minus_q()), axis=-1, keepdims=True
+        )
+        # v = log((1 - p_t) / (1 - q_t)) = log1p(sum_{i != t} (P - Q) / ..)
+        # where that ratio is near 1 (and 1 / (1 - q_t) finite); elsewhere
+        # the plain difference has nothing to cancel.
+        scale = ops.exp(-ops.where(l1q > -80.0, l1q, 0.0))
+        ratio = rest * scale
+        near = ops.logical_and(l1q > -80.0, ops.abs(ratio) < 0.5)
+        v = ops.where(near, ops.log1p(ops.where(near, ratio, 0.0)), l1p - l1q)
+        tckd = lr.weighted_phi(u_t, qt, pt) + lr.weighted_phi(
+            v, ops.exp(l1q), ops.exp(l1p)
+        )
+        hat_u = ops.where(mask, 0.0, pair.u - v)
+        nckd = ops.sum(lr.weighted_phi(hat_u, hat_q, hat_p), -1, True)
+        gap = -ops.sum(ops.where(mask, pair.p_minus_q(), 0.0), -1, True)
+        log_gap = u_t - v
+        hat_gap = lr.expm1_times(hat_u, hat_q, hat_p)  # p_hat - q_hat
+    else:
+        b_p = ops.concatenate([lpt, l1p], axis=-1)
+        b_q = ops.concatenate([lqt, l1q], axis=-1)
+        tckd = ops.sum(ops.exp(b_p) * (b_p - b_q), axis=-1, keepdims=True)
+        hat_u = hat_lp - hat_lq
+        nckd = ops.sum(hat_p * hat_u, axis=-1, keepdims=True)
+        gap = qt - pt
+        log_gap = (lpt - lqt) - (l1p - l1q)
+        hat_gap = hat_p - hat_q
+    # No non-target mass on one side: NCKD has nothing that can move.
+    hat_regular = ops.logical_and(
+        _reduce_max(hat_lp, -1) != lowest, _reduce_max(hat_lq, -1) != lowest
+    )
+    onehot = ops.cast(mask, t.dtype)
+
+    def grads():
+        tckd_a = gap * (onehot - hat_q)
+        tckd_b = log_gap * ops.exp(lpt + l1p) * (onehot - hat_p)
+        nckd_a = ops.where(hat_regular, -hat_gap, 0.0)
+        nckd_b = hat_p * hat_u - hat_p * nckd
+        nckd_b = ops.where(hat_regular, nckd_b, 0.0)
+        return (tckd_a, tckd_b), (nckd_a, nckd_b)
+
+    squeeze = lambda x: ops.squeeze(x, axis=-1)  # noqa: E731
+    return squeeze(tckd), squeeze(nckd), grads
+
+
+def _binary_parts(log_p, mask):
+    """`(log p_target, log (1 - p_target))`, each `[..., 1]`."""
+    both = _log_binary(log_p, mask)
+    return both[..., :1], both[..., 1:]
+
+
+def _reference_terms(t, s, mask, temperature):
+    """TCKD and NCKD by the plain formulas (autodiff; torch's second-order
+    fallback)."""
+    b_true = _log_binary(_log_softmax(t, -1, temperature), mask)
+    b_pred = _log_binary(_log_softmax(s, -1, temperature), mask)
+    log_p = _log_softmax(_drop_target(t, mask), -1, temperature)
+    log_q = _log_softmax(_drop_target(s, mask), -1, temperature)
+    return _kl_of_logs(b_true, b_pred), _kl_of_logs(log_p, log_q)
+
+
+def _kl_of_logs(log_p, log_q):
+    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)

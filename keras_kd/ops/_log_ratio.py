@@ -156,14 +156,8 @@ class Pair:
 
     def q_phi(self):
         """`Q phi(u) = P u - P + Q >= 0`, the terms of `KL(P || Q)`."""
-        u, q = self.u, self.q
-        near = q * series(ops.where(self.small, u, 0.0), "phi")
-        # phi(u) = u (1 + e) - e: no cancellation for |u| >= 0.5.
-        middle = q * (u * (1.0 + self.e) - self.e)
-        # u >= 1: a sum of two non-negative terms.
-        far = q + (u - 1.0) * self.p
-        return ops.where(
-            self.small, near, ops.where(self.below_one, middle, far)
+        return weighted_phi(
+            self.u, self.q, self.p, self.e, self.small, self.below_one
         )
 
     def q_psi(self):
@@ -175,6 +169,32 @@ class Pair:
         return ops.where(
             self.small, near, ops.where(self.below_one, middle, far)
         )
+
+
+def weighted_phi(u, q, p, e=None, small=None, below_one=None):
+    """`q * phi(u)` with `p = q * e^u`: the terms of `KL(P || Q)`, each
+    non-negative and without cancellation. `e = expm1(u)` where `u < 1`
+    (0 elsewhere), `small = |u| < 0.5` and `below_one = u < 1` may be
+    given when already computed."""
+    if below_one is None:
+        below_one = u < 1.0
+    if small is None:
+        small = ops.abs(u) < SERIES_BELOW
+    if e is None:
+        e = ops.expm1(ops.where(below_one, u, 0.0))
+    near = q * series(ops.where(small, u, 0.0), "phi")
+    # phi(u) = u (1 + e) - e: no cancellation for |u| >= 0.5.
+    middle = q * (u * (1.0 + e) - e)
+    # u >= 1: a sum of two non-negative terms.
+    far = q + (u - 1.0) * p
+    return ops.where(small, near, ops.where(below_one, middle, far))
+
+
+def expm1_times(u, q, p):
+    """`q * expm1(u) = p - q`, without cancellation where `u` is small."""
+    below_one = u < 1.0
+    e = ops.expm1(ops.where(below_one, u, 0.0))
+    return ops.where(below_one, q * e, p - q)
 
 
 def softmax_pair(t, s, temperature, axis, precise):

@@ -1,111 +1,21 @@
-"""Multi-label (sigmoid) losses: the GlobalPointer symmetric "KL" and the
-multi-label categorical crossentropy, dense and sparse."""
+"""Multi-label losses: the multi-label categorical crossentropy, dense and
+sparse (the GlobalPointer training loss), with its closed-form gradient.
+The GlobalPointer divergence is in `_global_pointer.py`."""
 
 import math
 
 import keras
 from keras import ops
 
-from keras_kd.ops._core import (
-    _as_float,
-    _pair,
-    _reduce_max,
-    _scale,
-    _times_t_squared,
-    validate_temperature,
+from keras_kd.ops._core import _as_float, _pair, _reduce_max
+from keras_kd.ops._global_pointer import (
+    binary_symmetric_kl_divergence as binary_symmetric_kl_divergence,
 )
-
-# ------------------------------------------------- multi-label (sigmoid) head
-
-
-def binary_symmetric_kl_divergence(y_true, y_pred, temperature=1.0):
-    """Elementwise symmetric KL of the two-class distributions
-    `[sigmoid(x), 1 - sigmoid(x)]`, with no reduction.
-
-    Formula:
-
-    ```
-    d = T**2 * (sigmoid(s / T) - sigmoid(t / T)) * (s - t) / T
-    ```
-
-    Computed without cancellation or overflow through the identity
-
-    ```
-    sigmoid(s) - sigmoid(t) = sigmoid(s) * sigmoid(-t) * -expm1(t - s)
-    ```
-
-    used for `s >= t` (and with `s` and `t` swapped otherwise), so that
-    `expm1` only sees non-positive arguments. Every factor lies in `[-1, 1]`,
-    nothing large is added or subtracted, and both branches are exact
-    identities of one smooth function, so the gradient is right everywhere,
-    the switch `s == t` and `s == 0` included, for logits of any size
-    (also the `-1e12` GlobalPointer uses for masked spans). Entries that are
-    `-inf` in either input are masked: they contribute 0, unless the other
-    input is NaN there (a NaN always gives NaN).
-
-    Args:
-        y_true: logits `t`.
-        y_pred: logits `s`, same shape.
-        temperature: softening temperature `T > 0`.
-
-    Returns:
-        The elementwise divergence, same shape as the inputs.
-    """
-    temperature = validate_temperature(temperature)
-    t, s = _pair(y_true, y_pred)
-    # `s + t` is NaN where either is NaN (or they are opposite infinities).
-    masked = ops.logical_and(
-        ops.logical_or(s == -math.inf, t == -math.inf),
-        ops.logical_not(ops.isnan(s + t)),
-    )
-    s = ops.where(masked, 0.0, s)
-    t = ops.where(masked, 0.0, t)
-    s, t = _scale(s, temperature), _scale(t, temperature)
-    ahead = s >= t
-    # The unused branch gets 0 instead of a positive argument, whose expm1
-    # could overflow and turn its zero gradient into NaN.
-    shrink_ahead = -ops.expm1(ops.where(ahead, t - s, 0.0))
-    shrink_behind = -ops.expm1(ops.where(ahead, 0.0, s - t))
-    gap_ahead = ops.sigmoid(s) * ops.sigmoid(-t) * shrink_ahead
-    gap_behind = ops.sigmoid(t) * ops.sigmoid(-s) * shrink_behind
-    gap = ops.where(ahead, gap_ahead, -gap_behind)
-    value = ops.where(masked, 0.0, gap * (s - t))
-    return _times_t_squared(value, temperature)
-
-
-def global_pointer_kl_divergence(y_true, y_pred, temperature=1.0, axis=None):
-    """Symmetric "KL" divergence of multi-label (GlobalPointer) logits.
-
-    GlobalPointer logits mark positives by `> 0`; they are not a softmax
-    distribution. The softmax of the symmetric KL is replaced by a sigmoid:
-
-    ```
-    D(s, t) = T**2 * sum((sigmoid(s/T) - sigmoid(t/T)) * (s/T - t/T))
-    ```
-
-    which equals the summed symmetric KL of the per-entry two-class
-    distributions `[sigmoid(x), 1 - sigmoid(x)]` (Su, 2022). Masked entries
-    (`-inf`, or large negative values in both inputs, as GlobalPointer uses
-    for padding and the lower triangle) contribute exactly 0.
-
-    Args:
-        y_true: target logits `t`, e.g. `[batch, heads, length, length]`.
-        y_pred: predicted logits `s`, same shape.
-        temperature: softening temperature `T > 0`.
-        axis: the axes of one label set, summed away. `None` means the
-            `length x length` grid, `(-2, -1)`, for inputs of rank 4 and the
-            last axis otherwise.
-
-    Returns:
-        The divergence with `axis` removed: `[batch, heads]` for
-        GlobalPointer logits.
-
-    Reference:
-        Su. GlobalPointer下的"KL散度"应该是怎样的? 2022.
-        https://spaces.ac.cn/archives/9039
-    """
-    elementwise = binary_symmetric_kl_divergence(y_true, y_pred, temperature)
-    return ops.sum(elementwise, axis=_label_axes(elementwise, axis))
+from keras_kd.ops._global_pointer import (
+    global_pointer_kl_divergence as global_pointer_kl_divergence,
+)
+from keras_kd.ops._gradients import with_gradient
+from keras_kd.ops._softmax_terms import _expand
 
 
 def _label_axes(x, axis):
@@ -145,17 +55,50 @@ def multilabel_categorical_crossentropy(y_true, y_pred, axis=None):
     """
     y_true, y_pred = _pair(y_true, y_pred)
     axis = _label_axes(y_pred, axis)
-    positive = y_true > 0.5
+    ndim = len(y_pred.shape)
+
+    def forward(s, labels, eager):
+        neg, pos = _signed_sets(labels, s)
+        log_neg, log_pos = _log1p_sum_exp(neg, axis), _log1p_sum_exp(pos, axis)
+
+        # d/ds log(1 + sum_neg e^s) = e^(s - log_neg) on the negatives,
+        # d/ds log(1 + sum_pos e^-s) = -e^(-s - log_pos) on the positives;
+        # excluded entries are -inf in `neg` / `pos`: exactly 0.
+        def grads():
+            down = ops.exp(neg - _expand(log_neg, axis, ndim))
+            up = ops.exp(pos - _expand(log_pos, axis, ndim))
+            return (down - up,)
+
+        if eager:
+            computed = grads()
+            grads = lambda: computed  # noqa: E731
+
+        def scaled(upstream):
+            return (grads()[0] * _expand(upstream, axis, ndim),)
+
+        return log_neg + log_pos, scaled
+
+    def reference(s, labels):
+        neg, pos = _signed_sets(labels, s)
+        return _log1p_sum_exp(neg, axis) + _log1p_sum_exp(pos, axis)
+
+    return with_gradient(forward, reference, (y_pred,), (y_true,))
+
+
+def _signed_sets(labels, s):
+    """The negatives' logits and the positives' negated logits, `-inf`
+    elsewhere."""
+    positive = labels > 0.5
     # `== -inf`, not `> -inf`: a NaN logit must stay in the sums.
-    masked = y_pred == -math.inf
+    masked = s == -math.inf
     # A NaN label is neither positive nor negative: it poisons the set.
-    logits = ops.where(ops.isnan(y_true), math.nan, y_pred)
+    logits = ops.where(ops.isnan(labels), math.nan, s)
     # A masked entry is excluded from both sums, whatever its label.
     neg = ops.where(ops.logical_or(masked, positive), -math.inf, logits)
     pos = ops.where(
         ops.logical_and(ops.logical_not(masked), positive), -logits, -math.inf
     )
-    return _log1p_sum_exp(neg, axis) + _log1p_sum_exp(pos, axis)
+    return neg, pos
 
 
 def _log1p_sum_exp(x, axis):
