@@ -108,8 +108,10 @@ class _Chunk:
         if cfg["labels"]:
             labels = ops.where(active, labels, ops.zeros_like(labels))
             at_one = student[1:] if cfg["temperature_is_one"] else None
-            ce, g_ce = fm.cross_entropy_terms(student[0], labels, at_one)
-            g_ce = g_ce * ops.expand_dims(weights * self.alpha, -1)
+            ce, g_ce, valid = fm.cross_entropy_terms(student[0], labels, at_one)
+            nan = ops.full_like(weights, float("nan"))
+            factor = ops.where(valid, weights * self.alpha, nan)
+            g_ce = g_ce * ops.expand_dims(factor, -1)
             grad = g_ce if grad is None else grad + g_ce
         sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
         if not self.gradients:

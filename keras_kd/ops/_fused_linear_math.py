@@ -141,8 +141,11 @@ def divergence_terms(student, zt, scale, divergence, beta):
     if divergence == "reverse_kl":
         # d R / d a = Q (log Q - log P - R) = -Q w.
         return ops.squeeze(reverse, -1), -q * w
-    # u = log P - log Q; without m in the far rows, where m may be large.
-    u = ops.where(far, d - log_ratio, w - reverse_near)
+    # u = log P - log Q = (d - m) - R near the teacher (d - m first: it is
+    # exact where d ~ m), d - log_ratio far from it (m may be ~1e3 there).
+    # Row-wise choices: a [chunk, vocab] `where` is slow on torch.
+    zero = ops.zeros_like(m)
+    u = (d - ops.where(far, log_ratio, m)) - ops.where(far, zero, reverse_near)
     small_u = ops.abs(u) < _SERIES_BELOW
     if divergence == "kl":
         psi_u = _psi(u)
@@ -203,9 +206,10 @@ def cross_entropy_terms(half, labels, at_one=None):
             temperature 1, else `None`.
 
     Returns:
-        `(value [chunk], grad [chunk, vocab])`. A label outside
-        `[0, vocab)` gives NaN in its row's value and gradient: never a
-        finite wrong loss.
+        `(value [chunk], grad [chunk, vocab], valid [chunk])`. A label
+        outside `[0, vocab)` gives NaN in its row's value (never a finite
+        wrong loss); `valid` marks the rows whose gradient is right, the
+        caller makes the others NaN.
     """
     if at_one is None:
         _, total, q = _softmax_parts(half, 2.0)
@@ -213,13 +217,10 @@ def cross_entropy_terms(half, labels, at_one=None):
         total, q = at_one
     vocab = half.shape[-1]
     labels = ops.cast(labels, "int32")
-    hit = ops.expand_dims(labels, -1) == ops.arange(vocab, dtype="int32")
-    picked = ops.sum(ops.where(hit, half, ops.zeros_like(half)), axis=-1)
-    value = ops.squeeze(ops.log(total), -1) - picked * 2.0
     valid = ops.logical_and(labels >= 0, labels < vocab)
-    nan = _const(math.nan, half.dtype)
-    value = ops.where(valid, value, nan)
-    grad = ops.where(
-        ops.expand_dims(valid, -1), q - ops.cast(hit, half.dtype), nan
-    )
-    return value, grad
+    safe = ops.expand_dims(ops.where(valid, labels, 0), -1)
+    picked = ops.squeeze(ops.take_along_axis(half, safe, axis=-1), -1)
+    value = ops.squeeze(ops.log(total), -1) - picked * 2.0
+    value = ops.where(valid, value, _const(math.nan, half.dtype))
+    hit = safe == ops.arange(vocab, dtype="int32")
+    return value, q - ops.cast(hit, half.dtype), valid
