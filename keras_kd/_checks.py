@@ -158,7 +158,8 @@ def weights(name, values, count):
         value = as_python_number(value)
         if value is None or not math.isfinite(value) or value < 0:
             raise invalid(
-                name, f"a list of {count} finite numbers >= 0, not all 0",
+                name,
+                f"a list of {count} finite numbers >= 0, not all 0",
                 values,
             )
         floats.append(value)

@@ -33,8 +33,10 @@ class FrozenTeachers:
                 )
             if not teacher.built:
                 raise _checks.invalid(
-                    label, "a built model (a trained teacher, or one given "
-                    "an `Input`)", teacher.name,
+                    label,
+                    "a built model (a trained teacher, or one given "
+                    "an `Input`)",
+                    teacher.name,
                 )
             shared = [
                 student_vars[id(v)].path
@@ -106,4 +108,3 @@ class FrozenTeachers:
         for variable in self.trainable_variables:
             variable.value.grad = None
         super().zero_grad(set_to_none=set_to_none)
-

@@ -64,9 +64,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--output-dir", default="runs", help="where the plot goes (runs/)"
     )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress bars"
-    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
@@ -93,8 +91,11 @@ def _switch_backend(backend):
         if backend is None or keras.backend.backend() == backend:
             return
     env = dict(os.environ, KERAS_BACKEND=backend)
-    os.execve(sys.executable, [sys.executable, "-m", "keras_kd.demo"]
-              + sys.argv[1:], env)
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "keras_kd.demo"] + sys.argv[1:],
+        env,
+    )
 
 
 def load_digits_split(train_fraction, seed):
@@ -159,28 +160,35 @@ def run(args):
     metric = "sparse_categorical_accuracy"
     results = {}
 
-    print(f"keras-kd demo on the {keras.backend.backend()} backend: the "
-          f"teacher learns from {len(train[0])} digits, the students from "
-          f"{len(few[0])} of them; {len(test[0])} digits are held out\n")
+    print(
+        f"keras-kd demo on the {keras.backend.backend()} backend: the "
+        f"teacher learns from {len(train[0])} digits, the students from "
+        f"{len(few[0])} of them; {len(test[0])} digits are held out\n"
+    )
 
     print("[1/3] Teacher: MLP 64-256-256-10 with dropout")
     teacher = build_mlp((256, 256), 0.3, "teacher")
-    teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
-                    metrics=[metric])
-    history, seconds = _train(teacher, *train, test, args.teacher_epochs,
-                              verbose)
+    teacher.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=[metric]
+    )
+    history, seconds = _train(
+        teacher, *train, test, args.teacher_epochs, verbose
+    )
     results["teacher"] = (teacher, history, seconds, len(train[0]))
 
     print("\n[2/3] Student from scratch: MLP 64-16-10")
     keras.utils.set_random_seed(args.seed + 1)
     scratch = build_mlp((16,), 0.0, "student_scratch")
-    scratch.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss,
-                    metrics=[metric])
+    scratch.compile(
+        optimizer=keras.optimizers.Adam(1e-2), loss=loss, metrics=[metric]
+    )
     history, seconds = _train(scratch, *few, test, args.epochs, verbose)
     results["student (scratch)"] = (scratch, history, seconds, len(few[0]))
 
-    print(f"\n[3/3] Student distilled from the teacher (T={args.temperature}"
-          f", alpha={args.alpha})")
+    print(
+        f"\n[3/3] Student distilled from the teacher (T={args.temperature}"
+        f", alpha={args.alpha})"
+    )
     keras.utils.set_random_seed(args.seed + 1)  # same initial weights
     student = build_mlp((16,), 0.0, "student_distilled")
     distiller = keras_kd.Distiller(student=student, teacher=teacher)
@@ -195,7 +203,10 @@ def run(args):
     )
     history, seconds = _train(distiller, *few, test, args.epochs, verbose)
     results["student (distilled)"] = (
-        distiller.student, history, seconds, len(few[0])
+        distiller.student,
+        history,
+        seconds,
+        len(few[0]),
     )
 
     print()
@@ -206,17 +217,19 @@ def run(args):
 
 
 def _table(results, test):
-    rows = [(
-        "model", "labels", "held-out accuracy", "parameters", "training time"
-    )]
+    rows = [
+        ("model", "labels", "held-out accuracy", "parameters", "training time")
+    ]
     for name, (model, _, seconds, examples) in results.items():
-        rows.append((
-            name,
-            str(examples),
-            f"{_accuracy(model, *test):.4f}",
-            f"{model.count_params():,}",
-            f"{seconds:.1f} s",
-        ))
+        rows.append(
+            (
+                name,
+                str(examples),
+                f"{_accuracy(model, *test):.4f}",
+                f"{model.count_params():,}",
+                f"{seconds:.1f} s",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
@@ -252,14 +265,20 @@ def _plot(results, args):
         right.plot(epochs, history[loss_key], label=name)
     left.set(title="held-out accuracy", xlabel="epoch", ylabel="accuracy")
     left.set_ylim(0.8, 1.0)
-    right.set(title="training cross-entropy", xlabel="epoch", ylabel="loss",
-              yscale="log")
+    right.set(
+        title="training cross-entropy",
+        xlabel="epoch",
+        ylabel="loss",
+        yscale="log",
+    )
     for axes in (left, right):
         axes.grid(alpha=0.3)
         axes.legend()
     backend = keras.backend.backend()
-    figure.suptitle(f"keras-kd demo: digits, {backend} backend, "
-                    f"T={args.temperature}, alpha={args.alpha}")
+    figure.suptitle(
+        f"keras-kd demo: digits, {backend} backend, "
+        f"T={args.temperature}, alpha={args.alpha}"
+    )
     figure.tight_layout()
     path = os.path.join(args.output_dir, f"demo_{backend}.png")
     figure.savefig(path, dpi=100)

@@ -120,9 +120,7 @@ class Distiller(FrozenTeachers, keras.Model):
             self.built = True
 
     def _uses_base_teacher(self):
-        return (
-            type(self).teacher_predictions is Distiller.teacher_predictions
-        )
+        return type(self).teacher_predictions is Distiller.teacher_predictions
 
     def _scalar_variable(self, name, value):
         return self.add_weight(
