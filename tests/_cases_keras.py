@@ -18,6 +18,17 @@ def _fresh_session():
     keras.utils.set_random_seed(1234)
 
 
+@pytest.fixture(params=["precise", "fast"])
+def engine_path(request, monkeypatch):
+    """Runs a test once on each path: `precise=None` (the default of every
+    divergence and loss) resolves to the path under test."""
+    from keras_kd.ops import _gradients
+
+    precise = request.param == "precise"
+    monkeypatch.setattr(_gradients, "default_precise", lambda: precise)
+    return request.param
+
+
 def np_(x):
     return keras.ops.convert_to_numpy(x)
 

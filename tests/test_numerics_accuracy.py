@@ -29,10 +29,13 @@ from _cases import (
 )
 from _cases_keras import (
     _fresh_session,  # noqa: F401 (overrides conftest's)
+    engine_path,  # noqa: F401 (each test runs on both paths)
     np_,
 )
 
 from keras_kd import ops as kd
+
+pytestmark = pytest.mark.usefixtures("engine_path")
 
 BOUND = 1e-5
 

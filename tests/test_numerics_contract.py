@@ -24,11 +24,14 @@ from _cases import (
 from _cases_keras import (
     _fresh_session,  # noqa: F401 (overrides conftest's)
     backend_grad,
+    engine_path,  # noqa: F401 (each test runs on both paths)
     np_,
 )
 
 from keras_kd import losses
 from keras_kd import ops as kd
+
+pytestmark = pytest.mark.usefixtures("engine_path")
 
 EXTREME = extreme_pairs()
 FLOAT32_MAX = float(np.finfo(np.float32).max)

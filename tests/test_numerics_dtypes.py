@@ -24,11 +24,14 @@ from _cases_keras import (
     BACKEND,
     _fresh_session,  # noqa: F401 (overrides conftest's)
     close,
+    engine_path,  # noqa: F401 (each test runs on both paths)
     np_,
 )
 
 from keras_kd import losses
 from keras_kd import ops as kd
+
+pytestmark = pytest.mark.usefixtures("engine_path")
 
 CASES = logit_pairs()
 PACKAGE = Path(kd.__file__).parents[1]

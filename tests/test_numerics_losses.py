@@ -16,12 +16,15 @@ from _cases import (
 from _cases_keras import (
     _fresh_session,  # noqa: F401 (overrides conftest's)
     close,
+    engine_path,  # noqa: F401 (each test runs on both paths)
     np_,
 )
 
 from keras_kd import losses
 from keras_kd import ops as kd
 from keras_kd.losses.rdrop import validate_alpha
+
+pytestmark = pytest.mark.usefixtures("engine_path")
 
 CASES = logit_pairs()
 INVALID = r"Invalid value for argument `{}`. Expected .* Received: {}="
