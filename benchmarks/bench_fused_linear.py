@@ -23,6 +23,8 @@ Run by hand, once per backend (a few minutes each on a 2-core CPU):
     KERAS_BACKEND=jax python -m benchmarks.bench_fused_linear
     KERAS_BACKEND=tensorflow python -m benchmarks.bench_fused_linear
     KERAS_BACKEND=torch python -m benchmarks.bench_fused_linear
+    KERAS_BACKEND=torch python -m benchmarks.bench_fused_linear \
+        --torch-threads 1
 
 It prints markdown; it writes no file. `--quick` is a smoke run;
 `--memory-case NAME --shape T,H,V` is the child process that measures one
@@ -154,6 +156,10 @@ def timing_table(tokens, hidden, vocab, repeats):
         memory = common.run_child(
             "benchmarks.bench_fused_linear",
             ["--memory-case", case, "--shape", f"{tokens},{hidden},{vocab}"],
+            # glibc keeps freed blocks below its (adaptive) mmap threshold
+            # in the heap: without a fixed threshold the RSS of many 8 MiB
+            # chunk temporaries shows the allocator, not the live tensors.
+            env={"MALLOC_MMAP_THRESHOLD_": str(2**20)},
         )["bytes"]
         run = step(loss_fn)
         value = float(ops.convert_to_numpy(run(*tensors)[0]))
@@ -209,6 +215,12 @@ def jax_memory_table(token_counts, hidden, vocab):
 def _memory_arguments(parser):
     parser.add_argument("--memory-case", choices=sorted(LABELS))
     parser.add_argument("--shape", help="tokens,hidden,vocab")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch intra-op threads (on a loaded machine, 1 avoids "
+        "threads waiting on each other at every small op)",
+    )
 
 
 def main(argv=None):
@@ -236,6 +248,8 @@ def main(argv=None):
     if name == "torch":
         import torch
 
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
         threads = torch.get_num_threads()
     else:
         threads = None
