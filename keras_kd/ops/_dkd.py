@@ -17,6 +17,7 @@ from keras_kd.ops._core import (
     validate_temperature,
 )
 from keras_kd.ops._gradients import resolve_precise, with_gradient
+from keras_kd.ops._softmax_terms import _non_negative
 
 
 def _target_mask(labels, logits, axis):
@@ -269,14 +270,14 @@ def _dkd_terms(t, s, mask, temperature, precise):
     if precise:
         pair = lr.softmax_pair(t, s, temperature, -1, True)
         u_t = ops.sum(ops.where(mask, pair.u, 0.0), axis=-1, keepdims=True)
-        rest = ops.sum(
-            ops.where(mask, 0.0, pair.p_minus_q()), axis=-1, keepdims=True
-        )
-        # v = log((1 - p_t) / (1 - q_t)) = log1p(sum_{i != t} (P - Q) / ..)
-        # where that ratio is near 1 (and 1 / (1 - q_t) finite); elsewhere
-        # the plain difference has nothing to cancel.
+        # p_t - q_t = q_t expm1(u_t), exact; the other classes hold the
+        # opposite difference, so v = log((1 - p_t) / (1 - q_t)) =
+        # log1p((q_t - p_t) / (1 - q_t)) has nothing to cancel while that
+        # ratio is small (and 1 / (1 - q_t) finite); elsewhere the plain
+        # difference of the logs has nothing to cancel either.
+        gap = -lr.expm1_times(u_t, qt, pt)  # q_t - p_t
         scale = ops.exp(-ops.where(l1q > -80.0, l1q, 0.0))
-        ratio = rest * scale
+        ratio = gap * scale
         near = ops.logical_and(l1q > -80.0, ops.abs(ratio) < 0.5)
         v = ops.where(near, ops.log1p(ops.where(near, ratio, 0.0)), l1p - l1q)
         tckd = lr.weighted_phi(u_t, qt, pt) + lr.weighted_phi(
@@ -284,7 +285,6 @@ def _dkd_terms(t, s, mask, temperature, precise):
         )
         hat_u = ops.where(mask, 0.0, pair.u - v)
         nckd = ops.sum(lr.weighted_phi(hat_u, hat_q, hat_p), -1, True)
-        gap = -ops.sum(ops.where(mask, pair.p_minus_q(), 0.0), -1, True)
         log_gap = u_t - v
         hat_gap = lr.expm1_times(hat_u, hat_q, hat_p)  # p_hat - q_hat
     else:
@@ -296,6 +296,8 @@ def _dkd_terms(t, s, mask, temperature, precise):
         gap = qt - pt
         log_gap = (lpt - lqt) - (l1p - l1q)
         hat_gap = hat_p - hat_q
+    # Rounding can leave the fast path's sums a few ulp below 0.
+    tckd, nckd = _non_negative(tckd), _non_negative(nckd)
     # No non-target mass on one side: NCKD has nothing that can move.
     hat_regular = ops.logical_and(
         _reduce_max(hat_lp, -1) != lowest, _reduce_max(hat_lq, -1) != lowest
