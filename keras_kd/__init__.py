@@ -10,6 +10,8 @@ from keras_kd.causal_lm import CausalLMDistiller as CausalLMDistiller
 from keras_kd.distiller import Distiller as Distiller
 from keras_kd.dkd import DKDDistiller as DKDDistiller
 from keras_kd.feature_distillation import FeatureDistiller as FeatureDistiller
+from keras_kd.lm_cache import cache_causal_lm_top_k as cache_causal_lm_top_k
+from keras_kd.lm_cache import load_causal_lm_top_k as load_causal_lm_top_k
 from keras_kd.multi_teacher import (
     MultiTeacherDistiller as MultiTeacherDistiller,
 )

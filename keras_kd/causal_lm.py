@@ -1,9 +1,10 @@
 """`CausalLMDistiller`: distill a keras-hub causal language model from a
-larger one without building either model's logits."""
+larger one, or from its cached top-k outputs, without building either
+model's logits."""
 
 from keras import ops
 
-from keras_kd import _checks
+from keras_kd import _checks, lm_cache
 from keras_kd import losses as kd_losses
 from keras_kd import ops as kd_ops
 from keras_kd._distiller_utils import (
@@ -17,7 +18,7 @@ from keras_kd.api import export
 from keras_kd.distiller import Distiller
 
 
-def _check_causal_lm(name, model):
+def check_causal_lm(name, model):
     _checks.model(name, model)
     backbone = getattr(model, "backbone", None)
     head = getattr(backbone, "token_embedding", None)
@@ -85,6 +86,16 @@ class CausalLMDistiller(Distiller):
     logits of neither model exist at any time, and the student's
     gradients are formed inside the same pass.
 
+    Offline, without a teacher (`CausalLMDistiller(student)`), the teacher
+    comes from a cache of its top-k log-probabilities and tail mass per
+    token (`keras_kd.cache_causal_lm_top_k`) whose arrays are given in `x`
+    beside the student's inputs; the loss is then the exact KL between
+    the teacher's `k + 1` buckets and the student's distribution over the
+    same buckets (`keras_kd.ops.fused_linear_top_k_distillation_loss`),
+    the full KL at `k = vocab`. Only `KLDivergence` is available offline,
+    at the temperature the cache was made at (another gives a NaN loss
+    and no update).
+
     Formula:
 
     ```
@@ -93,9 +104,10 @@ class CausalLMDistiller(Distiller):
     ```
 
     with `D` the KL, reverse KL or generalized JSD of the compiled
-    `distillation_loss` at its temperature `T`. Real tokens are those with
-    a nonzero `sample_weight` (keras-hub's `CausalLMPreprocessor` gives the
-    padding mask there), else those of `x["padding_mask"]`. Without labels
+    `distillation_loss` at its temperature `T` (offline: the KL of the
+    bucketed distributions). Real tokens are those with a nonzero
+    `sample_weight` (keras-hub's `CausalLMPreprocessor` gives the padding
+    mask there), else those of `x["padding_mask"]`. Without labels
     the loss is the divergence alone. History: `loss`, `student_loss`
     (with labels), `distillation_loss`.
 
@@ -106,7 +118,8 @@ class CausalLMDistiller(Distiller):
 
     Args:
         student: the keras-hub `CausalLM` to train.
-        teacher: a built keras-hub `CausalLM`.
+        teacher: a built keras-hub `CausalLM`, or `None` to train from
+            a top-k cache given with each batch.
         chunk_size: tokens per chunk of the fused loss (`None`: chosen so
             one chunk's logits stay small).
         **kwargs: passed to `keras.Model`.
@@ -124,12 +137,19 @@ class CausalLMDistiller(Distiller):
     )
     x, y, w = student.preprocessor(texts)  # token_ids/padding_mask, labels
     distiller.fit(x, y, sample_weight=w, batch_size=4)
+
+    # Offline: the teacher runs once, before training.
+    cache = keras_kd.cache_causal_lm_top_k(teacher, x, k=64, path="cache")
+    offline = keras_kd.CausalLMDistiller(student)
+    offline.compile(keras.optimizers.AdamW(1e-5), alpha=0.5)
+    offline.fit({**x, **cache}, y, sample_weight=w, batch_size=4)
     ```
     """
 
-    def __init__(self, student, teacher, chunk_size=None, **kwargs):
-        _check_causal_lm("student", student)
-        _check_causal_lm("teacher", teacher)
+    def __init__(self, student, teacher=None, chunk_size=None, **kwargs):
+        check_causal_lm("student", student)
+        if teacher is not None:
+            check_causal_lm("teacher", teacher)
         super().__init__(student, teacher, **kwargs)
         if chunk_size is not None:
             chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
@@ -141,7 +161,10 @@ class CausalLMDistiller(Distiller):
         return backbone(inputs_for(backbone, inputs), training=training)
 
     def teacher_predictions(self, x):
-        """The teacher's final hidden states, gradient-free."""
+        """The teacher's final hidden states, gradient-free; without a
+        teacher, the cached top-k arrays of the batch `x`."""
+        if self.teacher is None:
+            return lm_cache.cached_teacher(x)
         return frozen_call(self.teacher.backbone, x)
 
     def compile(
@@ -178,7 +201,14 @@ class CausalLMDistiller(Distiller):
             alpha=alpha,
             **kwargs,
         )
-        _divergence_of(self.distillation_loss)
+        divergence = _divergence_of(self.distillation_loss)
+        if self.teacher is None and divergence != "kl":
+            raise _checks.invalid(
+                "distillation_loss",
+                "`keras_kd.losses.KLDivergence` without a teacher: a top-k "
+                "cache gives the KL of the bucketed distributions exactly",
+                self.distillation_loss,
+            )
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -190,11 +220,31 @@ class CausalLMDistiller(Distiller):
             )
         if y is not None and is_placeholder(y):
             y = None
+        terms = self._online_terms
+        if self.teacher is None:
+            terms = self._offline_terms
+        total, student, distillation = terms(
+            x, y, y_pred, self._token_mask(x, sample_weight)
+        )
+        regularization = self._regularization()
+        if regularization is not None:
+            total = total + ops.cast(regularization, total.dtype)
+        rows = batch_size(x)
+        if student is not None:
+            self.student_loss_tracker.update_state(
+                unscale_for_replicas(student), sample_weight=rows
+            )
+        self.distillation_loss_tracker.update_state(
+            unscale_for_replicas(distillation), sample_weight=rows
+        )
+        return total
+
+    def _online_terms(self, x, y, y_pred, mask):
         loss = self.distillation_loss
         kernel, layout, cap = output_head(self.student)
         teacher_kernel, teacher_layout, teacher_cap = output_head(self.teacher)
         arguments = dict(
-            mask=self._token_mask(x, sample_weight),
+            mask=mask,
             divergence=_divergence_of(loss),
             beta=getattr(loss, "beta", 0.5),
             temperature=self.temperature,
@@ -209,32 +259,43 @@ class CausalLMDistiller(Distiller):
             total = kd_ops.fused_linear_divergence(
                 y_pred, kernel, teacher_hidden, teacher_kernel, **arguments
             )
-            student, distillation = None, ops.stop_gradient(total)
-        else:
-            total, student, distillation = (
-                kd_ops.fused_linear_distillation_loss(
-                    y_pred,
-                    kernel,
-                    teacher_hidden,
-                    teacher_kernel,
-                    y,
-                    alpha=self.alpha,
-                    return_components=True,
-                    **arguments,
-                )
-            )
-        regularization = self._regularization()
-        if regularization is not None:
-            total = total + ops.cast(regularization, total.dtype)
-        rows = batch_size(x)
-        if student is not None:
-            self.student_loss_tracker.update_state(
-                unscale_for_replicas(student), sample_weight=rows
-            )
-        self.distillation_loss_tracker.update_state(
-            unscale_for_replicas(distillation), sample_weight=rows
+            return total, None, ops.stop_gradient(total)
+        return kd_ops.fused_linear_distillation_loss(
+            y_pred,
+            kernel,
+            teacher_hidden,
+            teacher_kernel,
+            y,
+            alpha=self.alpha,
+            return_components=True,
+            **arguments,
         )
-        return total
+
+    def _offline_terms(self, x, y, y_pred, mask):
+        kernel, layout, cap = output_head(self.student)
+        *teacher, cached_temperature = self.teacher_predictions(x)
+        arguments = dict(
+            mask=mask,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            student_kernel_layout=layout,
+            student_logit_soft_cap=cap,
+            teacher_temperature=cached_temperature,
+        )
+        if y is None:
+            total = kd_ops.fused_linear_top_k_divergence(
+                y_pred, kernel, *teacher, **arguments
+            )
+            return total, None, ops.stop_gradient(total)
+        return kd_ops.fused_linear_top_k_distillation_loss(
+            y_pred,
+            kernel,
+            *teacher,
+            y,
+            alpha=self.alpha,
+            return_components=True,
+            **arguments,
+        )
 
     def _loss_terms(self):
         # The built-in cross-entropy is tracked whenever labels come.

@@ -82,6 +82,12 @@ from keras_kd.ops._fused_linear import (
 from keras_kd.ops._fused_linear import (
     fused_linear_divergence as fused_linear_divergence,
 )
+from keras_kd.ops._fused_top_k import (
+    fused_linear_top_k_distillation_loss as fused_linear_top_k_distillation_loss,  # noqa: E501
+)
+from keras_kd.ops._fused_top_k import (
+    fused_linear_top_k_divergence as fused_linear_top_k_divergence,
+)
 from keras_kd.ops._global_pointer import (
     binary_symmetric_kl_divergence as binary_symmetric_kl_divergence,
 )
@@ -108,6 +114,8 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_distillation_loss",
     "fused_linear_divergence",
+    "fused_linear_top_k_distillation_loss",
+    "fused_linear_top_k_divergence",
     "global_pointer_kl_divergence",
     "jensen_shannon_divergence",
     "kl_divergence",

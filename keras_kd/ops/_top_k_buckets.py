@@ -1,0 +1,218 @@
+"""Per-chunk math of the top-k ("bucketed") distillation loss.
+
+A cached teacher keeps, per token, its `k` most likely ids with their
+log-probabilities and one tail bucket holding the rest of its mass. The
+loss compares it with the student's distribution over the same `k + 1`
+buckets: the student's probabilities of the `k` ids and its tail mass.
+Everything here works on one chunk `[chunk, vocab]` of student logits and
+returns per-token values and the gradient with respect to the student's
+scaled logits; `_fused_top_k.py` runs the chunks. Nothing is
+differentiated by the backend, so a `where` whose unused branch is NaN or
+infinite is harmless.
+
+Notation (one row): `x = (s - max s) / T` (student), `Q = softmax(x)`,
+buckets `b = 1..k` (the ids) and `0` (the tail), `q_b` the student's and
+`P_b` the teacher's bucket probabilities, `u_b = log P_b - log q_b`.
+
+```
+KL = sum_b P_b u_b = sum_b q_b phi(u_b),   phi(u) = 1 + (u - 1) e^u
+dKL/dx_j = Q_j - P_i                  j = id_i (a top-k id)
+dKL/dx_j = Q_j - P_0 Q_j / q_0        j in the tail
+         = -Q_j expm1(u_b)            both, b the bucket of j
+```
+
+`q_0` is a log-sum-exp over the tail logits (the k ids masked out), never
+`1 - sum q_i`, which loses every digit when the tail is small.
+"""
+
+import math
+
+from keras import ops
+
+from keras_kd.ops import _fused_linear_loop as loop
+from keras_kd.ops import _fused_linear_math as fm
+from keras_kd.ops._fused_linear_math import _SERIES_BELOW, _psi
+
+
+def place(ids, values, vocab):
+    """`[chunk, vocab]` zeros with `values` `[chunk, k]` at `ids`.
+
+    `scatter_update` into zeros: `ops.scatter` is a Python loop over the
+    entries on torch, and a one-hot comparison would hold a
+    `[chunk, k, vocab]` tensor.
+    """
+    rows, k = ids.shape[0], ids.shape[1]
+    row_ids = ops.repeat(ops.arange(rows, dtype="int32"), k)
+    coords = ops.stack([row_ids, ops.reshape(ids, (-1,))], axis=1)
+    zeros = ops.zeros((rows, vocab), values.dtype)
+    return ops.scatter_update(zeros, coords, ops.reshape(values, (-1,)))
+
+
+def top_k_mask(ids, vocab):
+    """`[chunk, vocab]` bool: True at each row's `ids` `[chunk, k]`."""
+    return place(ids, ops.ones(ids.shape, "float32"), vocab) > 0
+
+
+def tail_log_sum_exp(x, in_top):
+    """`(lse, e, total)`: `lse = log sum_{j not in top} exp(x_j)` per row
+    (`-inf` for an empty tail), and `e / total` the tail's softmax
+    `[chunk, vocab]` (0 on the top-k ids).
+
+    The tail's own maximum is subtracted before the exponential: the tail
+    may lie hundreds of nats below the row's maximum, where exponentials
+    shifted by that maximum would all underflow to 0.
+    """
+    masked = ops.where(in_top, ops.full_like(x, -math.inf), x)
+    top = ops.max(masked, axis=-1, keepdims=True)
+    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    e = ops.exp(masked - top)
+    total = ops.sum(e, axis=-1, keepdims=True)
+    # log(0) = -inf: a tail without entries (k = vocab) has no mass.
+    return ops.squeeze(top + ops.log(total), -1), e, total
+
+
+def _log_normalize(log_values):
+    """`log_values - logsumexp(log_values)` per row (k + 1 buckets)."""
+    top = ops.max(log_values, axis=-1, keepdims=True)
+    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    total = ops.sum(ops.exp(log_values - top), axis=-1, keepdims=True)
+    return log_values - (top + ops.log(total))
+
+
+def bucket_kl_terms(half, total, q, scale, top_log_probs, ids, tail_log_prob):
+    """Per-row KL of the bucketed teacher from the bucketed student, and
+    its gradient with respect to the student's scaled logits `x = s / T`.
+
+    The teacher's `k + 1` bucket probabilities are normalized to sum to 1
+    (cached float16 values carry a relative rounding of ~5e-4 each), so the
+    value is a true KL (>= 0) and the gradient sums to 0 over the vocab.
+
+    Args:
+        half: `(s - max s) / 2` of the student's logits `[chunk, vocab]`.
+        total: `sum exp(half * scale)` `[chunk, 1]`.
+        q: the student's softmax `exp(half * scale) / total`.
+        scale: `2 / T`.
+        top_log_probs: the teacher's top-k log-probabilities `[chunk, k]`.
+        ids: their ids `[chunk, k]`, distinct within a row, in range.
+        tail_log_prob: the log of the teacher's remaining mass `[chunk]`
+            (`-inf` when the top k hold all of it).
+
+    Returns:
+        `(value [chunk], grad [chunk, vocab])`.
+    """
+    vocab = q.shape[-1]
+    x = half * scale
+    log_total = ops.log(total)
+    in_top = top_k_mask(ids, vocab)
+    tail_lse, tail_e, tail_total = tail_log_sum_exp(x, in_top)
+    log_q = ops.concatenate(
+        [
+            ops.take_along_axis(x, ids, axis=-1) - log_total,
+            ops.expand_dims(tail_lse, -1) - log_total,
+        ],
+        axis=-1,
+    )
+    log_p = _log_normalize(
+        ops.concatenate(
+            [top_log_probs, ops.expand_dims(tail_log_prob, -1)], axis=-1
+        )
+    )
+    qb, pb = ops.exp(log_q), ops.exp(log_p)
+    # u is NaN only where both buckets are empty (-inf - -inf); those
+    # entries take the `no_mass` branch below.
+    u = log_p - log_q
+    small = ops.abs(u) < _SERIES_BELOW
+    u_small = ops.where(small, u, ops.zeros_like(u))
+    psi = _psi(u_small)
+    # P - q = q expm1(u), with expm1(u) = u + psi(u) near 0: exact for a
+    # student close to its teacher, where P - q cancels.
+    p_minus_q = ops.where(small, qb * (u_small + psi), pb - qb)
+    terms = ops.where(
+        small, qb * (u_small * (u_small + psi) - psi), u * pb - p_minus_q
+    )
+    # 0 log 0 = 0: a bucket the teacher gives no mass adds q_b, its share
+    # of sum_b (q_b - P_b) = 0.
+    no_mass = log_p == -math.inf
+    terms = ops.where(no_mass, qb, terms)
+    p_minus_q = ops.where(no_mass, -qb, p_minus_q)
+    value = ops.sum(terms, axis=-1)
+    k = ids.shape[-1]
+    # Top-k entries: Q_j - P_i = -(P - q)_i, placed at the ids.
+    top_grad = place(ids, -p_minus_q[:, :k], vocab)
+    # Tail entries: -Q_j expm1(u_0) near the teacher; Q_j - P_0 Q_j / q_0
+    # elsewhere, with Q_j / q_0 the tail softmax (finite even where q_0
+    # underflows to 0). An empty bucket has u_0 = -inf or NaN: far. Both
+    # are `Q_j a - softmax_j b` with row-wise (a, b): no [chunk, vocab]
+    # `where` (slow on torch) for the choice.
+    small_tail = small[:, k:]
+    one = ops.ones_like(small_tail, dtype=q.dtype)
+    a = ops.where(small_tail, -(u_small[:, k:] + psi[:, k:]), one)
+    b = ops.where(small_tail, one * 0.0, pb[:, k:])
+    b = b / ops.where(tail_total > 0, tail_total, ops.ones_like(tail_total))
+    tail_grad = q * a - tail_e * b
+    return value, ops.where(in_top, top_grad, tail_grad)
+
+
+class TopKChunk:
+    """The work of one chunk for `_fused_linear_loop._run_chunks`: student
+    logits, values, and the gradients of the student's hidden states and
+    kernel."""
+
+    def __init__(self, cfg, kernel, temperature, alpha, gradients):
+        self.cfg = cfg
+        self.student_kernel = kernel
+        self.temperature = temperature
+        self.alpha = alpha
+        self.gradients = gradients
+        self.scale = 2.0 / temperature
+        self.equations = loop._EINSUM[cfg["student_layout"]]
+
+    def __call__(self, hidden, log_probs, ids, tail, weights, labels):
+        cfg = self.cfg
+        # Masked rows are neutralized before any math (their hidden states
+        # and cached values may be NaN, their ids out of range).
+        active = weights != 0
+        rows = ops.expand_dims(active, -1)
+        hidden = ops.where(rows, hidden, ops.zeros_like(hidden))
+        raw = ops.einsum(self.equations[0], hidden, self.student_kernel)
+        zs = fm.soft_cap(raw, cfg["student_cap"])
+        half, total, q = fm.student_parts(zs, self.scale)
+        vocab = q.shape[-1]
+        in_range = ops.logical_and(ids >= 0, ids < vocab)
+        ids = ops.where(
+            ops.logical_and(rows, in_range), ids, ops.zeros_like(ids)
+        )
+        log_probs = ops.where(rows, log_probs, ops.zeros_like(log_probs))
+        tail = ops.where(active, tail, ops.zeros_like(tail))
+        div, grad = bucket_kl_terms(
+            half, total, q, self.scale, log_probs, ids, tail
+        )
+        # An id out of range gives NaN, never a finite wrong loss.
+        bad = ops.logical_and(
+            active, ops.logical_not(ops.all(in_range, axis=-1))
+        )
+        nan = ops.full_like(weights, math.nan)
+        div = ops.where(bad, nan, div)
+        # d (T**2 KL(softmax(s / T))) / d s = T * d KL / d x. NaN rows are
+        # made by their row factor: a [chunk, vocab] `where` is slow on
+        # torch.
+        factor = weights * (self.temperature * (1.0 - self.alpha))
+        grad = grad * ops.expand_dims(ops.where(bad, nan, factor), -1)
+        ce = ops.zeros_like(weights)
+        if cfg["labels"]:
+            labels = ops.where(active, labels, ops.zeros_like(labels))
+            at_one = (total, q) if cfg["temperature_is_one"] else None
+            # The value is NaN for a label out of range; its gradient is
+            # made NaN here.
+            ce, g_ce = fm.cross_entropy_terms(half, labels, at_one)[:2]
+            valid = ops.logical_and(labels >= 0, labels < vocab)
+            factor = ops.where(valid, weights * self.alpha, nan)
+            grad = grad + g_ce * ops.expand_dims(factor, -1)
+        sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
+        if not self.gradients:
+            return None, None, sums
+        if cfg["student_cap"] is not None:
+            grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
+        d_hidden = ops.einsum(self.equations[1], grad, self.student_kernel)
+        d_kernel = ops.einsum(self.equations[2], hidden, grad)
+        return d_hidden, d_kernel, sums
