@@ -28,9 +28,8 @@ Conventions shared by the three functions:
   `[chunk, vocab]` float32 block at 8 MiB (`2**21 // vocab` tokens, a
   multiple of 8): 64 tokens at a 32,000 vocabulary. Peak memory is then
   flat in the token count: a few such blocks plus the gradient buffers
-  (`[tokens, hidden]` and `[hidden, vocab]`); a larger chunk trades
-  memory for larger matmuls. A token count that is not a multiple of the
-  chunk is padded with masked tokens.
+  (`[tokens, hidden]` and `[hidden, vocab]`); a larger chunk trades memory
+  for larger matmuls. Token counts are padded to whole chunks (masked).
 """
 
 import keras
