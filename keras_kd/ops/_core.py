@@ -162,6 +162,19 @@ def _log_softmax(x, axis=-1, temperature=1.0):
     Returns:
         Log-probabilities in `[L, 0]`, same shape and dtype as `x`.
     """
+    return _log_softmax_parts(x, axis, temperature)[0]
+
+
+def _log_softmax_parts(x, axis=-1, temperature=1.0, probabilities=False):
+    """`(log_softmax(x / T), softmax(x / T), exps, total)` by the one
+    engine (see `_log_softmax`); all but the first are `None` unless
+    `probabilities=True`.
+
+    The probabilities come as `exps / total`, `exps = exp(shifted)` being
+    the exponentials the normalizer `total` needs anyway: under XLA one
+    array instead of two, and no second `exp`. On torch `exps` and `total`
+    are `None` (`log_softmax` is one kernel there, `softmax` its `exp`).
+    """
     lowest = _lowest(x.dtype)
     top = _reduce_max(x, axis)
     empty = top == -math.inf
@@ -177,16 +190,26 @@ def _log_softmax(x, axis=-1, temperature=1.0):
         shifted = (x * 0.5 - top * 0.5) * factor
     # -inf (masked, or beyond the float range) becomes L; NaN stays NaN.
     shifted = ops.where(shifted < lowest, _constant(lowest, x.dtype), shifted)
-    if isinstance(axis, int):
-        # One fused kernel per backend instead of exp, sum, log, subtract.
+    if isinstance(axis, int) and keras.backend.backend() == "torch":
+        # One kernel instead of exp, sum, log, subtract: in eager torch each
+        # is a pass over memory. (Under XLA the plain form below fuses into
+        # the reductions and the consumers; `log_softmax` there would
+        # subtract the maximum a second time and keep a copy of the
+        # logits.)
         log_p = ops.log_softmax(shifted, axis=axis)
         # A fully masked row came out uniform; adding L takes its mass away
         # (and adds -0.0, exactly nothing, to every other row).
-        return log_p + ops.cast(empty, x.dtype) * lowest
+        log_p = log_p + ops.cast(empty, x.dtype) * lowest
+        p = ops.exp(log_p) if probabilities else None
+        return log_p, p, None, None
     # The largest shifted entry is exactly 0, so the sum is >= 1 except in
     # a fully masked row, whose entries are already L.
-    total = ops.sum(ops.exp(shifted), axis=axis, keepdims=True)
-    return shifted - ops.log(ops.where(empty, 1.0, total))
+    exps = ops.exp(shifted)
+    total = ops.where(empty, 1.0, ops.sum(exps, axis=axis, keepdims=True))
+    log_p = shifted - ops.log(total)
+    if not probabilities:
+        return log_p, None, None, None
+    return log_p, exps / total, exps, total
 
 
 def log_probabilities(x, from_logits=True, temperature=1.0, axis=-1):

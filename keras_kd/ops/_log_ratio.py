@@ -10,24 +10,30 @@ float32 rounding of its own value, so `u` is off by about
 a divergence of 1e-7 (a student within 1e-3 of its teacher).
 
 Precise path (`../shared/SPEC.md`, "Exactness where distillation ends"):
-with `d = (t - s) / T`, `m = E_Q[d]`, `w = d - m`,
+with `d = (t - s) / T`, any per-row shift `k` and `w = d - k`,
 
 ```
-c = log E_Q[exp(d)] = m + log1p(E_Q[expm1(w)]),   u = d - c = w - log1p(...)
+c = log E_Q[exp(d - k)] = log1p(E_Q[expm1(w)]),   u = w - c
 ```
 
 `t - s` is taken exactly as the sum `hi + lo` of two floats (Knuth's
 TwoSum), so a student whose logits equal the teacher's plus a constant
-(softmax does not see it) is as exact as one without; `m` only centres `w`
-(`c` is exact for any `m`), so `u` is exact to the rounding of `w` and of
-the row sum. The divergences are then sums of termwise non-negative,
-cancellation-free terms: `Q phi(u)` with `phi(u) = 1 + (u - 1) e^u`,
-`Q psi(u)` with `psi(u) = e^u - 1 - u`, each by its power series below
-`|u| = 0.5` and by a closed form that cannot cancel above it.
+(softmax does not see it) is as exact as one without. `c` is exact for any
+`k`; `k` is the difference of the row maxima (the SPEC's `E_Q[d]` is as
+good and costs another pass over the logits), which makes `w` small where
+the student is near its teacher, so `u` is exact to the rounding of `w`
+and of one row sum. The divergences are then sums of termwise
+non-negative, cancellation-free terms: `Q phi(u)` with
+`phi(u) = 1 + (u - 1) e^u`, `Q psi(u)` with `psi(u) = e^u - 1 - u`, each by
+its power series below `|u| = 0.5` and by a closed form that cannot cancel
+above it. In a near row no other transcendental function of the logits is
+needed: `Q e^u = Q (1 + expm1(w)) e^-c`, `P - Q = Q (expm1(w) e^-c +
+expm1(-c))`.
 
-A row whose `w` reaches 60 where `Q` has mass (far from the teacher, where
-the fast path has no cancellation to fear), or where one distribution has
-mass and the other none, takes the fast path's `u`; the formulas built on
+A row is near when `|c| < 0.5` (then `1 + E_Q[expm1(w)]` cannot cancel).
+Any other row (far from its teacher, where the fast path has nothing to
+cancel; `w` of 60 or more where `P` has mass; mass on the teacher's side
+only, or none on one side) takes the fast path's `u`; the formulas built on
 `u` hold for any `u`, so such rows stay non-negative and exact to the fast
 path's accuracy.
 """
@@ -40,12 +46,14 @@ from keras import ops
 
 from keras_kd.ops._core import (
     _constant,
-    _log_softmax,
+    _log_softmax_parts,
     _lowest,
     _reduce_max,
 )
 
 SERIES_BELOW = 0.5
+# Rows whose log-partition difference c stays below this are near.
+_NEAR = 0.5
 # Beyond it `expm1(w)` nears the float32 limit: the row is far, not near.
 _FAR = 60.0
 # phi(u) = sum_{k>=2} (k - 1) u^k / k!, psi(u) = sum_{k>=2} u^k / k!: at
@@ -91,39 +99,76 @@ class Pair:
         u: `log P - log Q` (precise or fast, see `precise`).
         regular: per row (keepdims), whether both distributions have mass
             (a fully masked row has none; a NaN row counts as regular), or
-            `None` when that is known (torch's optimistic path).
+            `None` when that is known (torch's optimistic path): from
+            `empty`, the pair `(empty_p, empty_q)` given by the caller.
         empty_p, empty_q: per row, whether `P` (`Q`) has no mass at all
             (or `None`).
         precise: whether `u` is the precise one.
     """
 
-    def __init__(self, log_p, log_q, axis, u=None, precise=False, flags=True):
+    def __init__(self, log_p, log_q, axis, empty=None, p=None, q=None):
         self.log_p, self.log_q, self.axis = log_p, log_q, axis
-        self.precise = precise
-        self._u = u
+        # Probabilities computed with the log-probabilities (the cached
+        # properties below are the fallback).
+        if p is not None:
+            self.p = p
+        if q is not None:
+            self.q = q
+        self.precise = False
+        # The student's row normalizer, where known (NaN for a NaN row).
+        self.q_total = None
         # On torch (eager, gradient wanted) the divergences free pieces as
         # soon as they are done with them: each is a logits-sized buffer.
         self.frugal = False
         self.regular = self.empty_p = self.empty_q = None
-        if flags:
-            lowest = _lowest(log_p.dtype)
-            self.empty_p = rowmax(log_p, axis) == lowest
-            self.empty_q = rowmax(log_q, axis) == lowest
+        if empty is not None:
+            self.empty_p, self.empty_q = empty
             self.regular = ops.logical_not(
                 ops.logical_or(self.empty_p, self.empty_q)
             )
+
+    def make_precise(self, w, expm1_w, c):
+        """Takes `u = w - c` in the rows where `c` is finite (near rows),
+        with `expm1_w = expm1(w)` (`inf` where `w` is far), and the fast
+        `u` elsewhere.
+
+        In a near row every other piece comes from `expm1(w)` and the row
+        constants `e^-c`, `expm1(-c)`, without another transcendental
+        function of the logits: `Q e^u = Q (1 + expm1(w)) e^-c` and
+        `P - Q = Q (expm1(w) e^-c + expm1(-c))`.
+        """
+        self.precise = True
+        # |c| < 0.5: 1 + S (S the sum behind c) is in [0.6, 1.7], so c has
+        # no cancellation, and u = w - c is at least as exact as the fast
+        # u (a far row can have w around -80 where Q has its mass, and S
+        # within 1e-3 of -1). Near the teacher c is about the KL.
+        self.near = ops.logical_and(ops.isfinite(c), ops.abs(c) < _NEAR)
+        if self.regular is not None:
+            # A row where one side has no mass at all has an infinite
+            # shift, and nothing there is near.
+            self.near = ops.logical_and(self.near, self.regular)
+        self._w = w
+        # Finite in every branch (see `e`).
+        self._ew = ops.where(ops.isfinite(expm1_w), expm1_w, 0.0)
+        c = ops.where(self.near, c, 0.0)
+        self._c = c
+        self._k = ops.exp(-c)
+        self._m1c = ops.expm1(-c)
 
     def release(self, *names):
         """Drops computed pieces (only when `frugal`)."""
         if self.frugal:
             for name in names:
                 self.__dict__.pop(name, None)
-                if name in ("log_p", "log_q", "_u"):
+                if name in ("log_p", "log_q"):
                     setattr(self, name, None)
 
     @functools.cached_property
     def u(self):
-        return self.log_p - self.log_q if self._u is None else self._u
+        fast = self.log_p - self.log_q
+        if not self.precise:
+            return fast
+        return ops.where(self.near, self._w - self._c, fast)
 
     @functools.cached_property
     def p(self):
@@ -142,33 +187,44 @@ class Pair:
         return ops.abs(self.u) < SERIES_BELOW
 
     @functools.cached_property
+    def q_exp_u(self):
+        """`P` as `Q e^u`: exact to rounding of `u` in near rows."""
+        if not self.precise:
+            return self.p
+        near = self.q * (1.0 + self._ew) * self._k
+        return ops.where(self.near, near, self.p)
+
+    @functools.cached_property
     def e(self):
         """`expm1(u)` where `u < 1`, 0 elsewhere (where no formula reads
         it): finite, so no unused `where` branch holds an infinity whose
         zero cotangent would turn into NaN in a second-order gradient."""
-        return ops.expm1(ops.where(self.below_one, self.u, 0.0))
+        far = ops.expm1(ops.where(self.below_one, self.u, 0.0))
+        if not self.precise:
+            return far
+        near = ops.where(self.below_one, self._ew * self._k + self._m1c, 0.0)
+        return ops.where(self.near, near, far)
 
     def p_minus_q(self):
-        """`P - Q`, as `Q expm1(u)` where that has no cancellation."""
+        """`P - Q`, without cancellation in near rows."""
+        fast = self.p - self.q
         if not self.precise:
-            return self.p - self.q
-        return ops.where(self.below_one, self.q * self.e, self.p - self.q)
+            return fast
+        near = self.q * (self._ew * self._k + self._m1c)
+        return ops.where(self.near, near, fast)
 
     def q_phi(self):
-        """`Q phi(u) = P u - P + Q >= 0`, the terms of `KL(P || Q)`."""
-        return weighted_phi(
-            self.u, self.q, self.p, self.e, self.small, self.below_one
-        )
+        """`Q phi(u) = Q + (u - 1) P >= 0`, the terms of `KL(P || Q)`: the
+        power series below `|u| = 0.5`, where the closed form cancels."""
+        u, q = self.u, self.q
+        near = q * series(ops.where(self.small, u, 0.0), "phi")
+        return ops.where(self.small, near, q + (u - 1.0) * self.q_exp_u)
 
     def q_psi(self):
         """`Q psi(u) = P - Q - Q u >= 0`, the terms of `KL(Q || P)`."""
         u, q = self.u, self.q
         near = q * series(ops.where(self.small, u, 0.0), "psi")
-        middle = q * (self.e - u)
-        far = (self.p - q) - q * u
-        return ops.where(
-            self.small, near, ops.where(self.below_one, middle, far)
-        )
+        return ops.where(self.small, near, self.p_minus_q() - q * u)
 
 
 def weighted_phi(u, q, p, e=None, small=None, below_one=None):
@@ -206,46 +262,79 @@ def softmax_pair(t, s, temperature, axis, precise):
         axis: the class axis (an int or a tuple of ints).
         precise: whether to compute `u` on the precise path.
     """
-    log_p = _log_softmax(t, axis, temperature)
-    log_q = _log_softmax(s, axis, temperature)
-    if not precise:
-        return Pair(log_p, log_q, axis)
-    u = _precise_log_ratio(t, s, log_p, log_q, temperature, axis)
-    return Pair(log_p, log_q, axis, u=u, precise=True)
+    log_p, p, _, _ = _log_softmax_parts(t, axis, temperature, True)
+    log_q, q, exps, total = _log_softmax_parts(s, axis, temperature, True)
+    student = (q, exps, total)
+    return pair_of_logs(
+        t, s, log_p, log_q, temperature, axis, precise, p, student
+    )
 
 
-def _precise_log_ratio(t, s, log_p, log_q, temperature, axis):
-    """`u = d - c` exact to rounding (see the module docstring)."""
-    lowest = _lowest(t.dtype)
-    both = ops.logical_and(log_p > lowest, log_q > lowest)
-    # Not `~(mass_p | mass_q)`: a NaN is neither mass nor no mass.
-    neither = ops.logical_and(log_p == lowest, log_q == lowest)
+def pair_of_logs(
+    t, s, log_p, log_q, temperature, axis, precise, p=None, student=None
+):
+    """`softmax_pair` when the engine's log-probabilities (and maybe the
+    probabilities: `p`, and `student = (q, exps, total)` from
+    `_log_softmax_parts`) of `t` and `s` are at hand."""
+    q, exps, total = (None, None, None) if student is None else student
+    # The same row maxima as inside `_log_softmax`: under XLA one pass
+    # computes both. A row without mass has a maximum of -inf; NaN is not.
+    top_t = ops.stop_gradient(_reduce_max(t, axis))
+    top_s = ops.stop_gradient(_reduce_max(s, axis))
+    empty = (top_t == -math.inf, top_s == -math.inf)
+    pair = Pair(log_p, log_q, axis, empty=empty, p=p, q=q)
+    pair.q_total = total
+    if precise:
+        # E_Q[...] as sum(exps * ...) / total: under XLA the reduction
+        # then reads the exponentials already stored, not another array.
+        weights, scale = (pair.q, 1.0) if exps is None else (exps, total)
+        w, expm1_w, c = _precise_log_ratio(
+            t, s, weights, scale, temperature, axis, top_t - top_s
+        )
+        pair.make_precise(w, expm1_w, c)
+    return pair
+
+
+def _at_least(x, low):
+    """`max(x, low)`, NaN kept. Keras' torch `maximum` computes float64 in
+    float32, so `where` there (under XLA `maximum` fuses better)."""
+    if keras.backend.backend() == "torch":
+        return ops.where(x < low, low, x)
+    return ops.maximum(x, low)
+
+
+def _precise_log_ratio(t, s, weights, scale, temperature, axis, shift):
+    """`(w, expm1(w), c)` with `u = w - c` exact to rounding in the rows
+    where `c` is finite (see the module docstring); `weights / scale` is
+    `Q`.
+
+    `shift` is any per-row number near `t - s` where the mass is (the
+    difference of the row maxima): `c` is exact for any, and `w` is then
+    small where the student is near its teacher.
+    """
+    # -inf (no mass) becomes the lowest float: no mass on either side
+    # gives w = 0 (a term 0 * phi(0)), mass on the student's side only a
+    # hugely negative w (its term Q * phi(-inf) = Q), mass on the
+    # teacher's side only a far row (w beyond 60). `maximum` keeps a NaN
+    # (on every backend), and a NaN makes its row far.
+    lowest = _constant(_lowest(t.dtype), t.dtype)
+    t, s = _at_least(t, lowest), _at_least(s, lowest)
     # TwoSum: hi + lo == t - s exactly, for any finite t, s whose
     # difference does not overflow.
     hi = t - s
     back = hi - t
     lo = (t - (hi - back)) - (s + back)
-    # An entry with mass on one side only (or a NaN) makes its row far
-    # (NaN reaches the row's test below); no mass on either side
-    # contributes nothing.
-    nan = _constant(math.nan, t.dtype)
-    hi = ops.where(both, hi, ops.where(neither, 0.0, nan))
-    lo = ops.where(both, lo, 0.0)
-    q = ops.exp(log_q)
-    # Any m gives the same c; the gradient through it is zero in exact
-    # arithmetic, so none is taken.
-    m = ops.stop_gradient(rowsum(q * hi, axis))
-    w = (hi - m) + lo
+    w = (hi - shift) + lo
     if isinstance(temperature, float):
         w = w if temperature == 1.0 else w * (1.0 / temperature)
     else:
         w = w / ops.cast(temperature, w.dtype)
-    # Where either has mass (Q may have underflowed to 0 where P has not):
-    # below 60, no term of the sum overflows and none that underflowed
-    # mattered.
-    reach = rowmax(ops.where(both, w, -math.inf), axis)
-    # `>`, not `<`: a NaN (mass on one side only) must reach c.
-    bounded = ops.where(w > _FAR, _FAR, w)
-    c = ops.log1p(rowsum(q * ops.expm1(bounded), axis))
-    near = ops.logical_and(reach < _FAR, ops.isfinite(c))
-    return ops.where(near, w - c, log_p - log_q)
+    # Below the lowest float (the shift pushed a masked entry beyond it),
+    # the lowest float: u stays finite, and 0 * u is 0.
+    w = _at_least(w, lowest)
+    # A w of 60 or more where P has mass is a far row (no term may
+    # overflow, and where Q underflowed to 0 the term would be lost): it
+    # makes the sum infinite or NaN. `>`, not `<=`: NaN stays NaN.
+    expm1_w = ops.where(w > _FAR, _constant(math.inf, t.dtype), ops.expm1(w))
+    c = ops.log1p(rowsum(weights * expm1_w, axis) / scale)
+    return w, expm1_w, c

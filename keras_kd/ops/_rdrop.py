@@ -69,11 +69,9 @@ def rdrop_cross_entropy(
     def forward(z, labels, eager):
         log_q = _log_softmax(z, -1)
         ce, ce_grad = _cross_entropy(labels, log_q, sparse)
-        even, odd = log_q[0::2], log_q[1::2]
-        u = None
-        if precise:
-            u = lr._precise_log_ratio(z[0::2], z[1::2], even, odd, 1.0, -1)
-        pair = lr.Pair(even, odd, -1, u=u, precise=precise)
+        pair = lr.pair_of_logs(
+            z[0::2], z[1::2], log_q[0::2], log_q[1::2], 1.0, -1, precise
+        )
         pair_value, pair_grads = symmetric_kl_terms(pair)
         pair_value = ops.squeeze(pair_value, axis=-1)
         value = ce + quarter * ops.repeat(pair_value, 2, axis=0)

@@ -93,7 +93,8 @@ def kl_terms(pair, teacher_grad=True):
     if pair.precise:
         # No target mass: nothing to match (the identities behind `q_phi`
         # assume P sums to 1); 0, or NaN if the student's row is NaN.
-        nothing = lr.rowsum(pair.q, axis) * 0.0
+        total = pair.q_total
+        nothing = (lr.rowsum(pair.q, axis) if total is None else total) * 0.0
         value = ops.where(pair.empty_p, nothing, value)
 
     if not teacher_grad:
@@ -265,7 +266,7 @@ def _optimistic_pair(t, s, temperature, axis):
     """
     log_p = ops.log_softmax(_plain_scaled(t, temperature, axis), axis=axis)
     log_q = ops.log_softmax(_plain_scaled(s, temperature, axis), axis=axis)
-    return lr.Pair(log_p, log_q, axis, flags=False)
+    return lr.Pair(log_p, log_q, axis)
 
 
 def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
