@@ -372,4 +372,3 @@ def test_nan_cached_logit_shows_in_the_offline_loss():
         callbacks=[keras.callbacks.TerminateOnNaN()],
     ).history
     assert len(logs["loss"]) == 1 and np.isnan(logs["loss"][0])
-

@@ -36,9 +36,7 @@ def test_keras_mask_is_read_on_every_backend():
     embedded = keras.layers.Embedding(5, 2, mask_zero=True)(tokens)
     mask = _keras_compat.keras_mask(embedded)
     assert mask is not None
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(mask), tokens > 0
-    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask), tokens > 0)
     assert _keras_compat.keras_mask(keras.ops.ones((2, 3))) is None
 
 

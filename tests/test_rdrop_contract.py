@@ -102,9 +102,7 @@ def test_rows_of_y_pred_must_match_the_training_flag():
 
 
 def test_evaluate_reports_no_divergence_as_dict_or_list():
-    rdrop = supervised(
-        classifier(), metrics=["sparse_categorical_accuracy"]
-    )
+    rdrop = supervised(classifier(), metrics=["sparse_categorical_accuracy"])
     x, y = data()
     rdrop.fit(x, y, batch_size=8, epochs=1, verbose=0)
     logs = rdrop.evaluate(x, y, batch_size=5, verbose=0, return_dict=True)
@@ -139,9 +137,7 @@ def test_masked_weighted_divergence_matches_keras_loss_masking(reduction):
         "sum": terms.sum(),
         "mean_with_sample_weight": terms.sum() / weighted.sum(),
     }[reduction]
-    np.testing.assert_allclose(
-        to_numpy(loss), ALPHA / 4 * expected, rtol=1e-5
-    )
+    np.testing.assert_allclose(to_numpy(loss), ALPHA / 4 * expected, rtol=1e-5)
 
 
 def test_a_function_divergence_is_averaged_over_rows_with_weights():
@@ -351,7 +347,12 @@ def test_early_stopping_on_the_divergence_needs_no_mode():
     x, y = data()
     stop = keras.callbacks.EarlyStopping("rdrop_divergence", patience=0)
     rdrop.fit(
-        x, y, batch_size=8, epochs=2, verbose=0, callbacks=[stop],
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[stop],
         validation_split=0.25,
     )
     assert stop.monitor_op is keras.ops.less
