@@ -303,7 +303,23 @@ def _at_least(x, low):
     return ops.maximum(x, low)
 
 
-def _precise_log_ratio(t, s, weights, scale, temperature, axis, shift):
+def optimistic_precise(pair, t, s, temperature, axis):
+    """Makes an unguarded pair (torch's optimistic path, see
+    `_softmax_terms._optimistic_pair`) precise, without the guards for
+    `-inf` either: those make the value non-finite, and the caller then
+    takes the guarded path."""
+    top_t = ops.stop_gradient(_reduce_max(t, axis))
+    top_s = ops.stop_gradient(_reduce_max(s, axis))
+    w, expm1_w, c = _precise_log_ratio(
+        t, s, pair.q, 1.0, temperature, axis, top_t - top_s, guard=False
+    )
+    pair.make_precise(w, expm1_w, c)
+    return pair
+
+
+def _precise_log_ratio(
+    t, s, weights, scale, temperature, axis, shift, guard=True
+):
     """`(w, expm1(w), c)` with `u = w - c` exact to rounding in the rows
     where `c` is finite (see the module docstring); `weights / scale` is
     `Q`.
@@ -318,7 +334,8 @@ def _precise_log_ratio(t, s, weights, scale, temperature, axis, shift):
     # teacher's side only a far row (w beyond 60). `maximum` keeps a NaN
     # (on every backend), and a NaN makes its row far.
     lowest = _constant(_lowest(t.dtype), t.dtype)
-    t, s = _at_least(t, lowest), _at_least(s, lowest)
+    if guard:
+        t, s = _at_least(t, lowest), _at_least(s, lowest)
     # TwoSum: hi + lo == t - s exactly, for any finite t, s whose
     # difference does not overflow.
     hi = t - s
@@ -331,7 +348,8 @@ def _precise_log_ratio(t, s, weights, scale, temperature, axis, shift):
         w = w / ops.cast(temperature, w.dtype)
     # Below the lowest float (the shift pushed a masked entry beyond it),
     # the lowest float: u stays finite, and 0 * u is 0.
-    w = _at_least(w, lowest)
+    if guard:
+        w = _at_least(w, lowest)
     # A w of 60 or more where P has mass is a far row (no term may
     # overflow, and where Q underflowed to 0 the term would be lost): it
     # makes the sum infinite or NaN. `>`, not `<=`: NaN stays NaN.

@@ -90,7 +90,7 @@ def kl_terms(pair, teacher_grad=True):
         p = pair.p
         value = rowdot(p, pair.log_p, axis) - rowdot(p, pair.log_q, axis)
         value = _non_negative(value)
-    if pair.precise:
+    if pair.precise and pair.empty_p is not None:
         # No target mass: nothing to match (the identities behind `q_phi`
         # assume P sums to 1); 0, or NaN if the student's row is NaN.
         total = pair.q_total
@@ -156,7 +156,7 @@ def jsd_terms(pair, beta, teacher_grad=True):
     kl_pm = lr.rowsum(to_mix, axis)  # KL(P || M)
     kl_qm = lr.rowsum(from_mix, axis)  # KL(Q || M)
     value = _non_negative(beta * kl_pm + (1.0 - beta) * kl_qm)
-    if pair.precise:
+    if pair.precise and pair.regular is not None:
         # The identities behind the precise terms assume both sum to 1; a
         # row where one has no mass has a closed form.
         dtype = value.dtype
@@ -294,11 +294,11 @@ def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
         temp = temperature if constant else temp[0]
         teacher_grad = not eager or bool(getattr(t, "requires_grad", True))
         found = None
-        optimistic = (
-            not precise and constant and isinstance(axis, int) and torch_eager()
-        )
+        optimistic = constant and isinstance(axis, int) and torch_eager()
         if optimistic:
             pair = _optimistic_pair(t, s, temp, axis)
+            if precise:
+                lr.optimistic_precise(pair, t, s, temp, axis)
             pair.frugal = eager
             found = terms(pair, *extra, teacher_grad)
             del pair
