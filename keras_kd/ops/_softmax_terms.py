@@ -24,6 +24,7 @@ the gradients are 0: nothing there can move.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_kd.ops import _log_ratio as lr
@@ -78,6 +79,12 @@ def _spread(weight, x, mean):
     return weight * x - weight * mean
 
 
+def _plain_spread(weight, x, mean):
+    """`weight * (x - mean)` in two passes: for torch's unguarded path,
+    where every log is finite and the value was checked."""
+    return weight * (x - mean)
+
+
 def _masked(x, rows):
     return x if rows is None else ops.where(rows, x, 0.0)
 
@@ -126,7 +133,7 @@ def symmetric_kl_terms(pair, teacher_grad=True):
     axis = pair.axis
     difference = pair.p_minus_q()
     # (P - Q) u >= 0 term by term: P - Q has the sign of u.
-    value = _non_negative(lr.rowsum(difference * pair.u, axis))
+    value = _non_negative(rowdot(difference, pair.u, axis))
 
     def grads():
         q, p, u = pair.q, pair.p, pair.u
@@ -135,10 +142,11 @@ def symmetric_kl_terms(pair, teacher_grad=True):
             mean_p = lr.rowsum(pair.q_phi(), axis)  # E_P[u] = KL(P||Q)
         else:
             mean_q, mean_p = rowdot(q, u, axis), rowdot(p, u, axis)
-        grad_a = _masked(-_spread(q, u, mean_q) - difference, pair.regular)
+        spread = _spread if pair.regular is not None else _plain_spread
+        grad_a = _masked(-spread(q, u, mean_q) - difference, pair.regular)
         grad_b = None
         if teacher_grad:
-            grad_b = _masked(_spread(p, u, mean_p) + difference, pair.regular)
+            grad_b = _masked(spread(p, u, mean_p) + difference, pair.regular)
         return grad_a, grad_b
 
     return value, grads
@@ -154,12 +162,24 @@ def jsd_terms(pair, beta, teacher_grad=True):
     axis, q, p = pair.axis, pair.q, pair.p
     if pair.precise:
         to_mix, from_mix, x, l_ = _precise_jsd_parts(pair, beta)
+        kl_pm = lr.rowsum(to_mix, axis)  # KL(P || M)
+        kl_qm = lr.rowsum(from_mix, axis)  # KL(Q || M)
     else:
-        log_m = _log_mixture(pair.log_p, pair.log_q, beta)
+        if pair.regular is None:
+            # torch's unguarded path (finite logs, checked afterwards): M
+            # from the probabilities; the smallest subnormal keeps its log
+            # finite where both underflow (their terms are 0 either way).
+            tiny = float(
+                np.finfo(
+                    keras.backend.standardize_dtype(q.dtype)
+                ).smallest_subnormal
+            )
+            log_m = ops.log((p - q) * beta + q + tiny)
+        else:
+            log_m = _log_mixture(pair.log_p, pair.log_q, beta)
         l_, x = log_m - pair.log_q, pair.log_p - log_m
-        to_mix, from_mix = p * x, -(q * l_)
-    kl_pm = lr.rowsum(to_mix, axis)  # KL(P || M)
-    kl_qm = lr.rowsum(from_mix, axis)  # KL(Q || M)
+        kl_pm = rowdot(p, x, axis)
+        kl_qm = -rowdot(q, l_, axis)
     value = _non_negative(beta * kl_pm + (1.0 - beta) * kl_qm)
     if pair.precise and pair.regular is not None:
         # The identities behind the precise terms assume both sum to 1; a
@@ -177,11 +197,12 @@ def jsd_terms(pair, beta, teacher_grad=True):
 
     def grads():
         # E_Q[l] = -KL(Q || M), E_P[x] = KL(P || M).
-        grad_a = _spread(q, l_, -kl_qm) * -(1.0 - beta)
+        spread = _spread if pair.regular is not None else _plain_spread
+        grad_a = spread(q, l_, -kl_qm) * -(1.0 - beta)
         grad_a = _masked(grad_a, pair.regular)
         grad_b = None
         if teacher_grad:
-            grad_b = _masked(_spread(p, x, kl_pm) * beta, pair.regular)
+            grad_b = _masked(spread(p, x, kl_pm) * beta, pair.regular)
         return grad_a, grad_b
 
     return value, grads
