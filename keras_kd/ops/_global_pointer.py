@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_kd.ops._core import _pair, validate_temperature
 from keras_kd.ops._gradients import resolve_precise, torch_eager, with_gradient
-from keras_kd.ops._softmax_terms import _expand
+from keras_kd.ops._softmax_terms import _expand, rowdot
 
 
 def binary_symmetric_kl_divergence(
@@ -113,17 +113,17 @@ def _sigmoid_divergence(y_true, y_pred, temperature, axis, precise):
         if not precise and torch_eager():
             # Unguarded: a `-inf` (or NaN) makes the value non-finite, and
             # only then are the guards paid for.
-            found = _terms(t, s, temp, False, None, teacher_grad)
-            if not bool(ops.all(ops.isfinite(_reduce(found[0], axis)))):
+            found = _terms(t, s, temp, False, None, teacher_grad, axis)
+            if not bool(ops.all(ops.isfinite(found[0]))):
                 found = None
         if found is None:
             masked = _masked_entries(t, s)
             t = ops.where(masked, 0.0, t)
             s = ops.where(masked, 0.0, s)
-            found = _terms(t, s, temp, precise, masked, teacher_grad)
+            found = _terms(t, s, temp, precise, masked, teacher_grad, axis)
         value, grads = found
         del found
-        value = _reduce(value, axis) * (temp * temp)
+        value = value * (temp * temp)
         if eager:
             computed = grads()
             grads = lambda: computed  # noqa: E731
@@ -148,6 +148,19 @@ def _reduce(x, axis):
     return x if axis is None else ops.sum(x, axis=axis)
 
 
+def _row_dot(x, y, axis):
+    """`sum(x * y, axis)` by `rowdot` (the label axes flattened: views)."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    ndim = len(x.shape)
+    axes = sorted(a % ndim for a in axes)
+    # (An empty batch cannot be reshaped with -1.)
+    if axes != list(range(ndim - len(axes), ndim)) or 0 in tuple(x.shape):
+        return ops.sum(x * y, axis=axis)
+    lead = tuple(x.shape[: ndim - len(axes)])
+    x, y = ops.reshape(x, lead + (-1,)), ops.reshape(y, lead + (-1,))
+    return ops.squeeze(rowdot(x, y, -1), axis=-1)
+
+
 def _masked_entries(t, s):
     # `s + t` is NaN where either is NaN (or they are opposite infinities).
     return ops.logical_and(
@@ -162,9 +175,10 @@ def _scaled(x, temperature):
     return x / temperature
 
 
-def _terms(t, s, temperature, precise, masked, teacher_grad):
-    """`(value, grads)` elementwise, without the `T**2` factor; `grads()`
-    returns the gradients with respect to `s / T` and `t / T`."""
+def _terms(t, s, temperature, precise, masked, teacher_grad, axis):
+    """`(value, grads)`, without the `T**2` factor, summed over `axis`
+    (elementwise for `None`); `grads()` returns the gradients with respect
+    to `s / T` and `t / T`."""
     a, b = _scaled(s, temperature), _scaled(t, temperature)
     sig_a, sig_b = ops.sigmoid(a), ops.sigmoid(b)
     if precise:
@@ -180,9 +194,14 @@ def _terms(t, s, temperature, precise, masked, teacher_grad):
         delta = a - b
         gap = sig_a - sig_b
         low_a = low_b = None
-    value = gap * delta
-    if masked is not None:
-        value = ops.where(masked, 0.0, value)
+    if masked is None and axis is not None:
+        # torch's unguarded path: a row dot, no product in memory.
+        value = _row_dot(gap, delta, axis)
+    else:
+        value = gap * delta
+        if masked is not None:
+            value = ops.where(masked, 0.0, value)
+        value = _reduce(value, axis)
 
     def grads():
         # d/da gap * delta = sigmoid'(a) delta + gap.
