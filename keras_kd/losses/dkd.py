@@ -51,7 +51,8 @@ class DecoupledKD(DivergenceLoss):
         reduction: a Keras reduction, default `"sum_over_batch_size"`.
         name: the loss name.
         dtype: the dtype of the loss computation.
-        precise: `None` (precise on JAX and TensorFlow, fast on torch),
+        precise: `None` (precise under JAX and TensorFlow on a GPU or
+            TPU, fast on CPUs and on torch),
             `True` or `False` (see `keras_kd.ops.decoupled_kd`).
 
     Example:

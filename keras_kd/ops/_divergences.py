@@ -77,7 +77,8 @@ def kl_divergence(
         precise: `None` (default), `True` or `False`: the precise path,
             exact to a relative 1e-5 also when student and teacher nearly
             agree (see `keras_kd.ops`), or the fast one. `None` is precise
-            on JAX and TensorFlow and fast on torch.
+            under JAX and TensorFlow on a GPU or TPU, fast on CPUs and on
+            torch (`keras_kd.ops._gradients.resolve_precise`).
 
     Returns:
         The divergence with `axis` removed, e.g. `[batch]` for
@@ -164,7 +165,8 @@ def symmetric_kl_divergence(
         precise: `None` (default), `True` or `False`: the precise path,
             exact to a relative 1e-5 also when student and teacher nearly
             agree (see `keras_kd.ops`), or the fast one. `None` is precise
-            on JAX and TensorFlow and fast on torch.
+            under JAX and TensorFlow on a GPU or TPU, fast on CPUs and on
+            torch (`keras_kd.ops._gradients.resolve_precise`).
 
     Returns:
         The divergence with `axis` removed.
@@ -214,7 +216,8 @@ def jensen_shannon_divergence(
         precise: `None` (default), `True` or `False`: the precise path,
             exact to a relative 1e-5 also when student and teacher nearly
             agree (see `keras_kd.ops`), or the fast one. `None` is precise
-            on JAX and TensorFlow and fast on torch.
+            under JAX and TensorFlow on a GPU or TPU, fast on CPUs and on
+            torch (`keras_kd.ops._gradients.resolve_precise`).
 
     Returns:
         The divergence with `axis` removed.

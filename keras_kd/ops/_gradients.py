@@ -23,6 +23,8 @@ Second-order differentiation (a gradient of the gradient):
   `with_gradient`) with autograd, which is exact to any order.
 """
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -31,14 +33,18 @@ from keras_kd import _checks
 
 
 def resolve_precise(precise):
-    """`precise=None | True | False` as a bool for this backend.
+    """`precise=None | True | False` as a bool for this backend and device.
 
-    `None` is the precise path where it costs nothing measurable: under
-    XLA, which fuses its extra elementwise work into the passes over the
-    logits that the fast path makes anyway (JAX, and TensorFlow, whose
-    `model.fit` compiles with XLA on GPUs). On torch every elementwise
-    operation is its own pass over memory, so `None` is the fast path
-    there (see BENCHMARKS.md, "Loss engine (issue 10)").
+    `None` is the precise path where it costs nothing measurable. Measured
+    (BENCHMARKS.md, "Loss engine (issue 10)"), on a CPU it always costs:
+    1.3x to 2.8x the fast path's time for the loss alone under XLA (XLA's
+    CPU reductions read stored arrays, and the precise path stores more of
+    them), 3.8x in TensorFlow graphs without XLA (how `model.fit` runs on a
+    CPU), 6x to 8x in eager torch, where every operation is a pass over
+    memory. So `None` is the precise path under JAX and TensorFlow on an
+    accelerator (GPU, TPU), where XLA fuses the extra elementwise work into
+    the passes the fast path makes anyway and `model.fit` compiles with
+    XLA, and the fast path on CPUs and on torch.
 
     Raises:
         ValueError: for anything but `None`, `True` or `False`.
@@ -51,9 +57,25 @@ def resolve_precise(precise):
 
 
 def default_precise():
-    """What `precise=None` means on this backend (tests patch it to run
-    the whole numeric contract on both paths)."""
-    return keras.backend.backend() != "torch"
+    """What `precise=None` means here (tests patch it to run the whole
+    numeric contract on both paths)."""
+    return _on_accelerator()
+
+
+@functools.lru_cache(maxsize=None)
+def _on_accelerator():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return any(
+            tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU")
+        )
+    return False
 
 
 def torch_eager():
