@@ -37,6 +37,9 @@ def multilabel_categorical_crossentropy(y_true, y_pred, axis=None):
     Each positive is pushed above 0 and each negative below 0. Entries whose
     logit is `-inf` (masked) contribute nothing, whatever their label. A NaN
     logit or a NaN label of an unmasked entry gives NaN for its label set.
+    The gradient with respect to the logits is the closed form
+    `softmax` over `[0, negatives]` minus that over `[0, -positives]`
+    (0 on masked entries); the labels get none.
 
     Args:
         y_true: 0/1 labels, same shape as `y_pred`.
