@@ -13,9 +13,12 @@ Second-order differentiation (a gradient of the gradient):
 - JAX and TensorFlow differentiate the gradient expression itself, whose
   inputs (probabilities, log-ratios) are differentiable functions of the
   logits: reverse-over-reverse (`jax.grad(jax.grad(...))`, nested
-  `GradientTape`s) is exact. JAX's forward mode (`jax.jvp`, `jax.jacfwd`,
-  `jax.hessian`) raises JAX's own `TypeError` ("can't apply forward-mode
-  autodiff (jvp) to a custom_vjp function"): the closed form is a VJP.
+  `GradientTape`s) is exact (`tests/test_engine_gradients.py`). In a row
+  with mass on one side only, or logits near the float limit, the precise
+  path's second-order gradient may be NaN (an unused `where` branch holds
+  one there). JAX's forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`)
+  raises JAX's own `TypeError` ("can't apply forward-mode autodiff (jvp)
+  to a custom_vjp function"): the closed form is a VJP.
 - torch runs the forward pass of a custom gradient without recording it,
   so its closed-form gradient is a constant to autograd. When a gradient is
   requested with `create_graph=True`, the backward pass instead
