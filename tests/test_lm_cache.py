@@ -23,6 +23,8 @@ from keras_kd import ops as kd
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from test_causal_lm import batch, llama  # noqa: E402  (needs keras_hub)
+
 VOCAB = 40
 
 
@@ -250,30 +252,6 @@ def test_invalid_arguments():
 
 
 # ------------------------------------------------ the cache and the models
-
-
-def llama(layers, hidden, vocab=VOCAB, tie=True):
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=vocab,
-        num_layers=layers,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=hidden,
-        intermediate_dim=2 * hidden,
-        tie_word_embeddings=tie,
-    )
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
-
-
-def batch(n=6, length=7, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, VOCAB, (n, length)).astype("int32")
-    padding = np.ones((n, length), "int32")
-    for i in range(n):
-        padding[i, length - 1 - i % 3 :] = 0
-    labels = np.roll(tokens, -1, axis=1)
-    x = {"token_ids": tokens * padding, "padding_mask": padding}
-    return x, labels, padding.astype("float32")
 
 
 def test_cache_holds_the_teachers_top_k_and_reloads(tmp_path):
