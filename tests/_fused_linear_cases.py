@@ -62,7 +62,8 @@ def value_and_grads(fn, *args, wrt=(0, 1)):
         import torch
 
         args = [
-            torch.tensor(a, requires_grad=i in wrt) for i, a in enumerate(args)
+            torch.as_tensor(a).detach().clone().requires_grad_(i in wrt)
+            for i, a in enumerate(args)
         ]
         value = fn(*args)
         value.backward()

@@ -19,11 +19,16 @@ Conventions shared by the three functions:
   range). With every token masked the loss is 0.
 - Gradients reach `student_hidden` and `student_kernel` only; the teacher's
   hidden states and kernel get none (`None` on every backend).
-- float64 inputs are computed in float64; everything else (float32,
-  bfloat16, float16) in float32: hidden states and kernels are cast to
-  float32 once, before the loop (a float32 copy of a half-precision
-  kernel), so the matmuls accumulate and the softmax is normalized in
-  float32. Gradients come back in the inputs' dtypes.
+- The softmax math runs in float64 for float64 inputs and in float32
+  otherwise. A model whose hidden states are bfloat16 or float16 has its
+  products run in that dtype, its kernel cast to it: what its own `Dense`
+  head computes under a `bfloat16` or `mixed_bfloat16` policy, and what
+  GPU matrix units are fast at. The backend's matmul accumulates in
+  float32 and rounds the logits to that dtype (XLA may keep them in
+  float32); they are then cast to float32. Gradients come back in the
+  inputs' dtypes; the kernel gradient is accumulated over the chunks in
+  the kernel's dtype (a float32 accumulator for a bfloat16 kernel would
+  take twice its memory), one rounding per chunk.
 - `chunk_size` tokens are processed at a time; the default keeps a chunk's
   `[chunk, vocab]` float32 block at 8 MiB (`2**21 // vocab` tokens, a
   multiple of 8): 64 tokens at a 32,000 vocabulary. Peak memory is then

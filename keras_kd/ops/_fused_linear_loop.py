@@ -50,6 +50,15 @@ def _compute_dtype(tensors):
     return "float64" if "float64" in dtypes else "float32"
 
 
+def _matmul_dtype(hidden, compute_dtype):
+    """The dtype one model's products run in: that of its hidden states
+    when they are half precision (what its `Dense` head computes in under
+    a `bfloat16` or `mixed_bfloat16` policy, the kernel cast to it; what
+    GPU matrix units are fast at), else the softmax math's."""
+    dtype = keras.backend.standardize_dtype(hidden.dtype)
+    return dtype if dtype in ("bfloat16", "float16") else compute_dtype
+
+
 def _rows(x, start, size):
     if isinstance(start, int):
         return x[start : start + size]
@@ -67,8 +76,12 @@ def _pad_rows(x, pad):
 class _Chunk:
     """The work of one chunk: logits, values, and both gradients."""
 
-    def __init__(self, cfg, kernels, temperature, alpha, gradients=True):
+    def __init__(
+        self, cfg, kernels, temperature, alpha, dtypes, gradients=True
+    ):
         self.cfg = cfg
+        # The softmax math's dtype, and the kernel gradient's.
+        self.dtype, self.kernel_grad_dtype = dtypes
         self.gradients = gradients
         self.student_kernel, self.teacher_kernel = kernels
         self.temperature = temperature
@@ -85,6 +98,7 @@ class _Chunk:
         rows = ops.expand_dims(active, -1)
         hidden = ops.where(rows, hidden, ops.zeros_like(hidden))
         raw = ops.einsum(self.equations[0], hidden, self.student_kernel)
+        raw = ops.cast(raw, self.dtype)
         zs = fm.soft_cap(raw, cfg["student_cap"])
         student = fm.student_parts(zs, self.scale)
         zero = ops.zeros_like(weights)
@@ -98,6 +112,7 @@ class _Chunk:
                 teacher_hidden,
                 self.teacher_kernel,
             )
+            zt = ops.cast(zt, self.dtype)
             zt = fm.soft_cap(zt, cfg["teacher_cap"])
             div, g_div = fm.divergence_terms(
                 student, zt, self.scale, cfg["divergence"], cfg["beta"]
@@ -118,6 +133,8 @@ class _Chunk:
             return None, None, sums
         if cfg["student_cap"] is not None:
             grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
+        # Half-precision products take the logit gradient in their dtype.
+        grad = ops.cast(grad, hidden.dtype)
         d_hidden = ops.einsum(self.equations[1], grad, self.student_kernel)
         d_kernel = ops.einsum(self.equations[2], hidden, grad)
         return d_hidden, d_kernel, sums
@@ -137,8 +154,11 @@ def _run_chunks(chunk, size, inputs):
     pad = steps * size - n
     padded = [None if x is None else _pad_rows(x, pad) for x in inputs]
     kernel = chunk.student_kernel
-    sums = ops.zeros((2,), dtype=hidden.dtype)
-    d_kernel = ops.zeros(ops.shape(kernel), dtype=hidden.dtype)
+    sums = ops.zeros((2,), dtype=chunk.dtype)
+    # In the kernel's own dtype: a float32 accumulator for a bfloat16
+    # [H, V] kernel would double the memory the gradient needs.
+    grad_dtype = chunk.kernel_grad_dtype
+    d_kernel = ops.zeros(ops.shape(kernel), dtype=grad_dtype)
 
     def rows(start):
         return [None if x is None else _rows(x, start, size) for x in padded]
@@ -150,7 +170,7 @@ def _run_chunks(chunk, size, inputs):
             sums = sums + s
             if chunk.gradients:
                 pieces.append(d_h)
-                d_kernel = d_kernel + d_k
+                d_kernel = d_kernel + ops.cast(d_k, grad_dtype)
         d_hidden = (
             ops.concatenate(pieces, axis=0)
             if pieces
@@ -163,7 +183,7 @@ def _run_chunks(chunk, size, inputs):
         start = step * size
         d_h, d_k, s = chunk(*rows(start))
         d_hidden = ops.slice_update(d_hidden, [start, 0], d_h)
-        return d_hidden, d_kernel + d_k, sums + s
+        return d_hidden, d_kernel + ops.cast(d_k, grad_dtype), sums + s
 
     carry = (ops.zeros_like(padded[0]), d_kernel, sums)
     d_hidden, d_kernel, sums = ops.fori_loop(0, steps, body, carry)
@@ -208,8 +228,13 @@ def fused_loss(
     def compute(tensors, gradients):
         given = dict(inputs, **dict(zip(names, tensors)))
         hidden = given["student_hidden"]
-        flat = ops.cast(ops.reshape(hidden, (-1, hidden.shape[-1])), dtype)
-        kernel = ops.cast(given["student_kernel"], dtype)
+        kernel = given["student_kernel"]
+        grad_dtype = keras.backend.standardize_dtype(kernel.dtype)
+        grad_dtype = grad_dtype if dtype == "float32" else dtype
+        student_dtype = _matmul_dtype(hidden, dtype)
+        flat = ops.reshape(hidden, (-1, hidden.shape[-1]))
+        flat = ops.cast(flat, student_dtype)
+        kernel = ops.cast(kernel, student_dtype)
         t, a = given["temperature"], given["alpha"]
         if ops.is_tensor(t):
             t = ops.cast(t, dtype)
@@ -217,9 +242,11 @@ def fused_loss(
             a = ops.cast(a, dtype)
         teacher, teacher_kernel_ = None, None
         if given["teacher_hidden"] is not None:
-            th = given["teacher_hidden"]
-            teacher = ops.cast(ops.reshape(th, (-1, th.shape[-1])), dtype)
-            teacher_kernel_ = ops.cast(given["teacher_kernel"], dtype)
+            th, tk = given["teacher_hidden"], given["teacher_kernel"]
+            teacher_dtype = _matmul_dtype(th, dtype)
+            teacher = ops.reshape(th, (-1, th.shape[-1]))
+            teacher = ops.cast(teacher, teacher_dtype)
+            teacher_kernel_ = ops.cast(tk, teacher_dtype)
         if given["mask"] is not None:
             weights = ops.cast(ops.reshape(given["mask"], (-1,)), dtype)
         else:
@@ -229,7 +256,9 @@ def fused_loss(
         labels_ = given["labels"]
         if labels_ is not None:
             labels_ = ops.cast(ops.reshape(labels_, (-1,)), "int32")
-        chunk = _Chunk(cfg, (kernel, teacher_kernel_), t, a, gradients)
+        chunk = _Chunk(
+            cfg, (kernel, teacher_kernel_), t, a, (dtype, grad_dtype), gradients
+        )
         d_hidden, d_kernel, sums = _run_chunks(
             chunk, cfg["chunk_size"], (flat, teacher, weights, labels_)
         )
@@ -253,9 +282,12 @@ def fused_loss(
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            up = ops.cast(upstream[0], dtype)
-            g_hidden = ops.reshape(d_hidden * up, ops.shape(hidden))
-            g_kernel = d_kernel * up
+            # Scaled in the gradients' own dtype: no float32 copy of a
+            # half-precision [H, V] kernel gradient.
+            up = upstream[0]
+            g_hidden = d_hidden * ops.cast(up, d_hidden.dtype)
+            g_hidden = ops.reshape(g_hidden, ops.shape(hidden))
+            g_kernel = d_kernel * ops.cast(up, d_kernel.dtype)
             return (
                 ops.cast(g_hidden, hidden.dtype),
                 ops.cast(g_kernel, kernel.dtype),

@@ -161,6 +161,9 @@ class TopKChunk:
     def __init__(self, cfg, kernel, temperature, alpha, gradients):
         self.cfg = cfg
         self.student_kernel = kernel
+        # The softmax math's dtype (`_run_chunks` sums the values in it),
+        # also the kernel gradient's (cast to the kernel's at the end).
+        self.dtype = self.kernel_grad_dtype = kernel.dtype
         self.temperature = temperature
         self.alpha = alpha
         self.gradients = gradients
