@@ -27,6 +27,22 @@ def add_arguments(parser):
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--teacher", default="4x256", help="layers x hidden width"
+    )
+    parser.add_argument(
+        "--student", default="2x128", help="layers x hidden width"
+    )
+    parser.add_argument(
+        "--dtype-policy",
+        default="float32",
+        help="Keras dtype policy, e.g. mixed_bfloat16",
+    )
+
+
+def layers_and_width(text):
+    layers, width = (int(x) for x in text.split("x"))
+    return layers, width
 
 
 def llama(vocab, layers, hidden, seed):
@@ -37,7 +53,7 @@ def llama(vocab, layers, hidden, seed):
     backbone = keras_hub.models.LlamaBackbone(
         vocabulary_size=vocab,
         num_layers=layers,
-        num_query_heads=4,
+        num_query_heads=max(4, hidden // 64),
         num_key_value_heads=2,
         hidden_dim=hidden,
         intermediate_dim=2 * hidden,
@@ -50,6 +66,7 @@ def measure(args):
 
     import keras_kd
 
+    keras.config.set_dtype_policy(args.dtype_policy)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, args.vocab, (args.batch, args.length + 1))
     tokens = tokens.astype("int32")
@@ -59,11 +76,11 @@ def measure(args):
     }
     y = tokens[:, 1:]
     w = np.ones(y.shape, "float32")
-    teacher = llama(args.vocab, 4, 256, 0)
+    teacher = llama(args.vocab, *layers_and_width(args.teacher), 0)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def student():
-        return llama(args.vocab, 2, 128, 1)
+        return llama(args.vocab, *layers_and_width(args.student), 1)
 
     alone = student()
     alone.compile(keras.optimizers.Adam(1e-4), loss=ce, weighted_metrics=[])
@@ -108,8 +125,9 @@ def section(samples, args):
     return "\n".join(
         [
             common.fragment_heading("CausalLMDistiller step time"),
-            f"Llama teacher 4x256, student 2x128, vocabulary {args.vocab}, "
-            f"{args.batch} x {args.length} tokens, float32, "
+            f"Llama teacher {args.teacher}, student {args.student} (layers x "
+            f"width), vocabulary {args.vocab}, {args.batch} x {args.length} "
+            f"tokens, dtype policy {args.dtype_policy}, "
             f"{args.repeats} interleaved rounds.",
             "",
             common.markdown_table(["step", "median ms (IQR)"], rows),

@@ -23,7 +23,8 @@ from keras_kd import ops as kd
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from test_causal_lm import batch, llama  # noqa: E402  (needs keras_hub)
+from test_causal_lm import batch, llama  # noqa: E402
+from test_causal_lm import logits as logits_of  # noqa: E402  (needs keras_hub)
 
 VOCAB = 40
 
@@ -267,7 +268,7 @@ def test_cache_holds_the_teachers_top_k_and_reloads(tmp_path):
         temperature=2.0,
         vocabulary_size=VOCAB,
     )
-    logits = teacher.predict(x, verbose=0)[..., :VOCAB]
+    logits = logits_of(teacher, x)[..., :VOCAB]
     lp, ids, tail = top_k_teacher(logits, 5, 2.0)
     assert cache["teacher_top_k_log_probs"].dtype == np.float16
     assert cache["teacher_top_k_ids"].dtype == np.int32
@@ -354,7 +355,7 @@ def test_offline_loss_equals_the_bucketed_reference_at_small_k():
     logs = distiller.fit(
         {**x, **cache}, labels, sample_weight=w, batch_size=6, verbose=0
     ).history
-    logits = student.predict(x, verbose=0).astype("float64")
+    logits = logits_of(student, x).astype("float64")
     kl = bucketed_kl(
         logits / 1.5,
         cache["teacher_top_k_log_probs"],
