@@ -49,6 +49,11 @@ QUICK = {
 def add_arguments(parser):
     parser.add_argument("--sections", default="kl,others,fused")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--chunks",
+        default=",".join(str(c or 0) for c in CHUNKS),
+        help="fused chunk sizes, 0 for the default",
+    )
 
 
 # ------------------------------------------------------------------ inputs
@@ -425,7 +430,8 @@ def main(argv=None):
             print(parts[-2], flush=True)
     if "fused" in sections:
         shape = QUICK["fused"] if args.quick else FUSED_SHAPE
-        chunks = QUICK["chunks"] if args.quick else CHUNKS
+        chunks = [int(c) or None for c in args.chunks.split(",")]
+        chunks = QUICK["chunks"] if args.quick else chunks
         parts += [fused_table(shape, chunks, repeats), ""]
         print(parts[-2], flush=True)
         if common.backend() == "jax":

@@ -253,6 +253,8 @@ class CausalLMDistiller(Distiller):
             teacher_kernel_layout=teacher_layout,
             student_logit_soft_cap=cap,
             teacher_logit_soft_cap=teacher_cap,
+            # The distillation loss's own choice of path.
+            precise=getattr(loss, "precise", None),
         )
         teacher_hidden = self.teacher_predictions(x)
         if y is None:

@@ -298,8 +298,9 @@ def _second_order(fn, t, s):
         return np_(outer.gradient(total, b))
     import torch
 
-    b = torch.tensor(s, requires_grad=True)
-    value = fn(torch.tensor(t), b).sum()
+    # On Keras' device (a GPU where there is one), as Keras makes its own.
+    b = keras.ops.convert_to_tensor(s).requires_grad_(True)
+    value = fn(keras.ops.convert_to_tensor(t), b).sum()
     (inner,) = torch.autograd.grad(value, b, create_graph=True)
     (grad,) = torch.autograd.grad((inner**2).sum(), b)
     return np_(grad)

@@ -31,10 +31,15 @@ from keras import ops
 
 from keras_kd import ops as kd
 
+PATHS = [True, False]  # precise, fast
+
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_divergence_matches_dense_reference(divergence, beta, temperature):
+@pytest.mark.parametrize("precise", PATHS)
+def test_divergence_matches_dense_reference(
+    divergence, beta, temperature, precise
+):
     hs, ks, ht, kt, mask, _ = make_inputs()
     fn = fused(
         ht,
@@ -44,6 +49,7 @@ def test_divergence_matches_dense_reference(divergence, beta, temperature):
         beta=beta,
         temperature=temperature,
         chunk_size=4,
+        precise=precise,
     )
     expected = reference(hs, ks, ht, kt, mask, divergence, beta, temperature)
     check(fn, (hs, ks), expected)
@@ -64,13 +70,15 @@ def test_divergence_at_every_distance(divergence, beta, scale):
         beta=beta,
         temperature=2.0,
         chunk_size=4,
+        precise=True,
     )
     expected = reference(hs, ks, ht, kt, mask, divergence, beta, 2.0)
     check(fn, (hs, ks), expected)
 
 
 @pytest.mark.parametrize("divergence,beta", NOT_ENDS)
-def test_gradients_equal_autodiff_of_dense_keras_kd(divergence, beta):
+@pytest.mark.parametrize("precise", PATHS)
+def test_gradients_equal_autodiff_of_dense_keras_kd(divergence, beta, precise):
     # The closed-form gradients against the backend's autodiff of the
     # dense keras-kd ops on materialized logits, all in float64.
     with x64():
@@ -96,6 +104,7 @@ def test_gradients_equal_autodiff_of_dense_keras_kd(divergence, beta):
             beta=beta,
             temperature=2.0,
             chunk_size=3,
+            precise=precise,
         )
         value, grads = value_and_grads(dense, hs, ks)
         check(fn, (hs, ks), [np_(x) for x in (value, *grads)], rtol=1e-10)
@@ -109,7 +118,8 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
 
 
 @pytest.mark.parametrize("divergence,beta", NOT_ENDS)
-def test_float64_in_float64_out(divergence, beta):
+@pytest.mark.parametrize("precise", PATHS)
+def test_float64_in_float64_out(divergence, beta, precise):
     with x64():
         hs, ks, ht, kt, mask, labels = make_inputs(10, "float64")
         expected = reference(hs, ks, ht, kt, mask, divergence, beta, 2.0)
@@ -121,6 +131,7 @@ def test_float64_in_float64_out(divergence, beta):
             beta=beta,
             temperature=2.0,
             chunk_size=4,
+            precise=precise,
         )
         value, grads = check(fn, (hs, ks), expected, rtol=1e-12)
         for x in (value, *grads):
@@ -148,6 +159,7 @@ def test_student_close_to_teacher_is_exact(divergence, beta, temperature):
         beta=beta,
         temperature=temperature,
         chunk_size=4,
+        precise=True,
     )
     expected = reference(hs, ks, hs, kt, None, divergence, beta, temperature)
     assert 0 < expected[0] < 1e-7
@@ -155,7 +167,28 @@ def test_student_close_to_teacher_is_exact(divergence, beta, temperature):
 
 
 @pytest.mark.parametrize("divergence,beta", NOT_ENDS)
-def test_confident_logits_are_exact(divergence, beta):
+def test_fast_path_near_the_teacher_keeps_its_bound(divergence, beta):
+    # The default (fast) path on the case above: not relatively exact, but
+    # never negative and within the fast path's absolute bound
+    # 1e-5 T**2 (1 + E|log P| + E|log Q|) of every divergence in keras-kd.
+    rng = np.random.default_rng(12)
+    hs = _dyadic(rng, (B, L, HS), 1.0, -3, 4)
+    kt = _dyadic(rng, (HS, V), 2.0**-4, -32, 33)
+    ks = kt.copy()
+    ks[rng.integers(0, HS, 6), rng.integers(0, V, 6)] += 2.0**-14
+    fn = fused(hs, kt, divergence=divergence, beta=beta, temperature=3.0)
+    value = float(np_(fn(hs, ks)))
+    wanted = reference(hs, ks, hs, kt, None, divergence, beta, 3.0)[0]
+    logits = (hs @ kt).astype("float64") / 3.0
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    scale = 1.0 + 2.0 * float(np.mean((-np.exp(log_p) * log_p).sum(-1)))
+    assert value >= 0.0
+    assert abs(value - wanted) <= 1e-5 * 9.0 * scale
+
+
+@pytest.mark.parametrize("divergence,beta", NOT_ENDS)
+@pytest.mark.parametrize("precise", PATHS)
+def test_confident_logits_are_exact(divergence, beta, precise):
     # Teacher logits beyond +-1e3, student beyond +-1e2 (dyadic: exact).
     rng = np.random.default_rng(13)
     hs = _dyadic(rng, (B, L, HS), 1.0, -3, 4)
@@ -163,7 +196,14 @@ def test_confident_logits_are_exact(divergence, beta):
     ks = _dyadic(rng, (HS, V), 2.0**-2, -128, 129)
     kt = _dyadic(rng, (HT, VT), 2.0**-2, -1024, 1025)
     assert np.abs(ht @ kt).max() > 1e3 and np.abs(hs @ ks).max() > 1e2
-    fn = fused(ht, kt, divergence=divergence, beta=beta, chunk_size=4)
+    fn = fused(
+        ht,
+        kt,
+        divergence=divergence,
+        beta=beta,
+        chunk_size=4,
+        precise=precise,
+    )
     expected = reference(hs, ks, ht, kt, None, divergence, beta)
     assert expected[0] > 0.5
     check(fn, (hs, ks), expected)

@@ -30,8 +30,9 @@ Conventions shared by the three functions:
   the kernel's dtype (a float32 accumulator for a bfloat16 kernel would
   take twice its memory), one rounding per chunk.
 - `chunk_size` tokens are processed at a time; the default keeps a chunk's
-  `[chunk, vocab]` float32 block at 8 MiB (`2**21 // vocab` tokens, a
-  multiple of 8): 64 tokens at a 32,000 vocabulary. Peak memory is then
+  `[chunk, vocab]` float32 block at 8 MiB on a CPU and 64 MiB on a GPU
+  (`2**21 // vocab` and `2**24 // vocab` tokens, multiples of 8): 64 and
+  520 tokens at a 32,000 vocabulary. Peak memory is then
   flat in the token count: a few such blocks plus the gradient buffers
   (`[tokens, hidden]` and `[hidden, vocab]`); a larger chunk trades memory
   for larger matmuls. Token counts are padded to whole chunks (masked).
@@ -43,6 +44,7 @@ from keras import ops
 from keras_kd import _checks
 from keras_kd.ops import _fused_linear_loop as loop
 from keras_kd.ops._core import validate_temperature
+from keras_kd.ops._gradients import resolve_precise
 
 _DIVERGENCES = ("kl", "reverse_kl", "jsd")
 _LAYOUTS = ("hv", "vh")
@@ -118,6 +120,7 @@ def _call(
     chunk_size,
     layouts,
     caps,
+    precise=None,
 ):
     """Checks every argument, then runs the fused loop."""
     if divergence is not None:
@@ -165,6 +168,7 @@ def _call(
         "temperature_is_one": isinstance(temperature, float)
         and temperature == 1.0,
         "chunk_size": chunk_size or loop.default_chunk_size(vocab),
+        "precise": resolve_precise(precise),
     }
     return loop.fused_loss(
         hidden,
@@ -193,6 +197,7 @@ def fused_linear_divergence(
     teacher_kernel_layout="hv",
     student_logit_soft_cap=None,
     teacher_logit_soft_cap=None,
+    precise=None,
 ):
     """Token-level distillation divergence from hidden states, without
     building the logits.
@@ -210,12 +215,14 @@ def fused_linear_divergence(
     (`"reverse_kl"`), or the generalized Jensen-Shannon divergence
     (`"jsd"`): `beta KL(P || M) + (1 - beta) KL(Q || M)` with
     `M = beta P + (1 - beta) Q`, the forward KL at `beta = 0` and the
-    reverse KL at `beta = 1` (as `jensen_shannon_divergence`). Each term is
-    computed without cancellation, so the value is exact to rounding also
-    for a student very close to its teacher (divergences of 1e-9) and for
-    confident logits (1e3 and beyond). The gradient with respect to token
-    n's logits `s_n`, formed in the forward pass, is `mask_n / sum(mask)`
-    times
+    reverse KL at `beta = 1` (as `jensen_shannon_divergence`). With
+    `precise=True` each term is computed without cancellation, so the value
+    is exact to rounding also for a student very close to its teacher
+    (divergences of 1e-9); the fast path (the default) computes the plain
+    log-space sums, exact to rounding of the log-probabilities. Both are
+    exact for confident logits (1e3 and beyond). The gradient with respect
+    to token n's logits `s_n`, formed in the forward pass, is
+    `mask_n / sum(mask)` times
 
     ```
     kl:          T (Q - P)
@@ -237,13 +244,16 @@ def fused_linear_divergence(
         divergence: `"kl"`, `"reverse_kl"` or `"jsd"`.
         beta: the JSD mixing weight in `[0, 1]`.
         temperature: `T > 0`, a number or a scalar tensor/variable.
-        chunk_size: tokens per chunk, or `None` for `2**21 // V` (a
-            multiple of 8).
+        chunk_size: tokens per chunk, or `None` for `2**21 // V` on a CPU
+            and `2**24 // V` on a GPU (multiples of 8).
         student_kernel_layout: `"hv"` or `"vh"`.
         teacher_kernel_layout: `"hv"` or `"vh"`.
         student_logit_soft_cap: Gemma's `final_logit_soft_cap` of the
             student (applied before the temperature), or `None`.
         teacher_logit_soft_cap: the same for the teacher.
+        precise: `None` (the measured default, see
+            `keras_kd.ops.kl_divergence`), `True` for the cancellation-free
+            terms, `False` for the fast path.
 
     Returns:
         A scalar, float64 for float64 inputs and float32 otherwise.
@@ -273,6 +283,7 @@ def fused_linear_divergence(
         chunk_size,
         (student_kernel_layout, teacher_kernel_layout),
         (student_logit_soft_cap, teacher_logit_soft_cap),
+        precise,
     )
     return out[0]
 
@@ -352,6 +363,7 @@ def fused_linear_distillation_loss(
     student_logit_soft_cap=None,
     teacher_logit_soft_cap=None,
     return_components=False,
+    precise=None,
 ):
     """The whole distillation loss of a language model in one pass:
     `alpha * cross_entropy + (1 - alpha) * divergence`, from one student
@@ -366,8 +378,8 @@ def fused_linear_distillation_loss(
 
     Args:
         student_hidden, student_kernel, teacher_hidden, teacher_kernel,
-            mask, divergence, beta, temperature, chunk_size, the layouts
-            and soft caps: as in `fused_linear_divergence`.
+            mask, divergence, beta, temperature, chunk_size, the layouts,
+            soft caps and `precise`: as in `fused_linear_divergence`.
         labels: integer next-token ids `[...]`, as in
             `fused_linear_cross_entropy`.
         alpha: weight of the cross-entropy in `[0, 1]` (a number or a
@@ -399,6 +411,7 @@ def fused_linear_distillation_loss(
         chunk_size,
         (student_kernel_layout, teacher_kernel_layout),
         (student_logit_soft_cap, teacher_logit_soft_cap),
+        precise,
     )
     if not return_components:
         return out[0]

@@ -22,15 +22,21 @@ pass the upstream gradient positionally, torch passes the saved inputs and
 states and kernel (all three backends accept `None` as "no gradient").
 """
 
+import functools
+
 import keras
 from keras import ops
 
 from keras_kd.ops import _fused_linear_math as fm
 
-# The default chunk keeps one [chunk, vocab] float32 block at ~8 MiB. XLA
-# keeps a few such blocks alive at once (47 MiB of scratch in all at
-# vocab 32,000 and hidden 256, the kernel-gradient accumulator included).
+# The default chunk keeps one [chunk, vocab] float32 block at ~8 MiB on a
+# CPU: XLA keeps a few such blocks alive at once (47 MiB of scratch in all
+# at vocab 32,000 and hidden 256, the kernel-gradient accumulator
+# included). On a GPU a block of 64 MiB (128 tokens at a 128,256
+# vocabulary): measured on an H200 (BENCHMARKS.md, "GPU"), smaller chunks
+# leave the matrix units idle and larger ones cost memory for little time.
 _CHUNK_FLOATS = 2**21
+_GPU_CHUNK_FLOATS = 2**24
 
 _EINSUM = {
     # layout: (logits, hidden gradient, kernel gradient)
@@ -40,9 +46,30 @@ _EINSUM = {
 
 
 def default_chunk_size(vocab):
-    """Tokens per chunk: `2**21 // vocab`, rounded down to a multiple of 8
-    (at least 8): 64 tokens at a 32,000 vocabulary, 8 at 152,064."""
-    return max(8, _CHUNK_FLOATS // max(vocab, 1) // 8 * 8)
+    """Tokens per chunk: `2**21 // vocab` on a CPU and `2**24 // vocab` on
+    a GPU or TPU, rounded down to a multiple of 8 (at least 8): 64 and 520
+    tokens at a 32,000 vocabulary, 8 and 128 at 128,256."""
+    floats = _GPU_CHUNK_FLOATS if _on_accelerator() else _CHUNK_FLOATS
+    return max(8, floats // max(vocab, 1) // 8 * 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _on_accelerator():
+    """Whether the backend computes on a GPU or TPU by default."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    return False
 
 
 def _compute_dtype(tensors):
@@ -114,7 +141,12 @@ class _Chunk:
             )
             zt = ops.cast(zt, self.dtype)
             zt = fm.soft_cap(zt, cfg["teacher_cap"])
-            div, g_div = fm.divergence_terms(
+            terms = (
+                fm.divergence_terms
+                if cfg["precise"]
+                else fm.fast_divergence_terms
+            )
+            div, g_div = terms(
                 student, zt, self.scale, cfg["divergence"], cfg["beta"]
             )
             # d (T**2 D(softmax(s / T))) / d s = T * d D / d a.

@@ -26,8 +26,6 @@ Second-order differentiation (a gradient of the gradient):
   `with_gradient`) with autograd, which is exact to any order.
 """
 
-import functools
-
 import keras
 import numpy as np
 from keras import ops
@@ -38,16 +36,16 @@ from keras_kd import _checks
 def resolve_precise(precise):
     """`precise=None | True | False` as a bool for this backend and device.
 
-    `None` is the precise path where it costs nothing measurable. Measured
-    (BENCHMARKS.md, "Loss engine (issue 10)"), on a CPU it always costs:
-    1.3x to 2.8x the fast path's time for the loss alone under XLA (XLA's
-    CPU reductions read stored arrays, and the precise path stores more of
-    them), 3.8x in TensorFlow graphs without XLA (how `model.fit` runs on a
-    CPU), 6x to 8x in eager torch, where every operation is a pass over
-    memory. So `None` is the precise path under JAX and TensorFlow on an
-    accelerator (GPU, TPU), where XLA fuses the extra elementwise work into
-    the passes the fast path makes anyway and `model.fit` compiles with
-    XLA, and the fast path on CPUs and on torch.
+    `None` is the precise path where it costs nothing measurable, and
+    that is nowhere measured so far, so `None` is the fast path. On a CPU
+    (BENCHMARKS.md, "Loss engine (issue 10)") the precise path takes 1.3x
+    to 2.8x the fast path's time under XLA (XLA's CPU reductions read
+    stored arrays, and the precise path stores more of them), 3.8x in
+    TensorFlow graphs without XLA (how `model.fit` runs on a CPU), 6x to 8x
+    in eager torch. On an NVIDIA H200 ("GPU (issues 10 and 11)") it takes
+    1.4x (KL, symmetric KL) to 2.3x (GlobalPointer) under `jax.jit`,
+    where XLA's fusion was expected to hide it, and 2.4x to 4.5x in eager
+    torch.
 
     Raises:
         ValueError: for anything but `None`, `True` or `False`.
@@ -61,23 +59,8 @@ def resolve_precise(precise):
 
 def default_precise():
     """What `precise=None` means here (tests patch it to run the whole
-    numeric contract on both paths)."""
-    return _on_accelerator()
-
-
-@functools.lru_cache(maxsize=None)
-def _on_accelerator():
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return any(
-            tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU")
-        )
+    numeric contract on both paths): the fast path, on every backend and
+    device measured (see `resolve_precise`)."""
     return False
 
 
