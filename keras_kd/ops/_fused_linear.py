@@ -30,9 +30,9 @@ Conventions shared by the three functions:
   the kernel's dtype (a float32 accumulator for a bfloat16 kernel would
   take twice its memory), one rounding per chunk.
 - `chunk_size` tokens are processed at a time; the default keeps a chunk's
-  `[chunk, vocab]` float32 block at 8 MiB on a CPU and 64 MiB on a GPU
-  (`2**21 // vocab` and `2**24 // vocab` tokens, multiples of 8): 64 and
-  520 tokens at a 32,000 vocabulary. Peak memory is then
+  `[chunk, vocab]` float32 block at 8 MiB on a CPU and 128 MiB on a GPU
+  (`2**21 // vocab` and `2**25 // vocab` tokens, multiples of 8): 64 and
+  1048 tokens at a 32,000 vocabulary. Peak memory is then
   flat in the token count: a few such blocks plus the gradient buffers
   (`[tokens, hidden]` and `[hidden, vocab]`); a larger chunk trades memory
   for larger matmuls. Token counts are padded to whole chunks (masked).
@@ -245,7 +245,7 @@ def fused_linear_divergence(
         beta: the JSD mixing weight in `[0, 1]`.
         temperature: `T > 0`, a number or a scalar tensor/variable.
         chunk_size: tokens per chunk, or `None` for `2**21 // V` on a CPU
-            and `2**24 // V` on a GPU (multiples of 8).
+            and `2**25 // V` on a GPU (multiples of 8).
         student_kernel_layout: `"hv"` or `"vh"`.
         teacher_kernel_layout: `"hv"` or `"vh"`.
         student_logit_soft_cap: Gemma's `final_logit_soft_cap` of the

@@ -32,11 +32,12 @@ from keras_kd.ops import _fused_linear_math as fm
 # The default chunk keeps one [chunk, vocab] float32 block at ~8 MiB on a
 # CPU: XLA keeps a few such blocks alive at once (47 MiB of scratch in all
 # at vocab 32,000 and hidden 256, the kernel-gradient accumulator
-# included). On a GPU a block of 64 MiB (128 tokens at a 128,256
-# vocabulary): measured on an H200 (BENCHMARKS.md, "GPU"), smaller chunks
-# leave the matrix units idle and larger ones cost memory for little time.
+# included). On a GPU, 128 MiB (256 tokens at a 128,256 vocabulary):
+# measured on an H200 (BENCHMARKS.md, "GPU"), JAX then takes 49 ms and
+# 0.89 GB where 128 tokens take 72 ms and 0.72 GB, and 512 more memory
+# for little time; smaller chunks leave the matrix units idle.
 _CHUNK_FLOATS = 2**21
-_GPU_CHUNK_FLOATS = 2**24
+_GPU_CHUNK_FLOATS = 2**25
 
 _EINSUM = {
     # layout: (logits, hidden gradient, kernel gradient)
@@ -46,9 +47,9 @@ _EINSUM = {
 
 
 def default_chunk_size(vocab):
-    """Tokens per chunk: `2**21 // vocab` on a CPU and `2**24 // vocab` on
-    a GPU or TPU, rounded down to a multiple of 8 (at least 8): 64 and 520
-    tokens at a 32,000 vocabulary, 8 and 128 at 128,256."""
+    """Tokens per chunk: `2**21 // vocab` on a CPU and `2**25 // vocab` on
+    a GPU or TPU, rounded down to a multiple of 8 (at least 8): 64 and
+    1048 tokens at a 32,000 vocabulary, 16 and 256 at 128,256."""
     floats = _GPU_CHUNK_FLOATS if _on_accelerator() else _CHUNK_FLOATS
     return max(8, floats // max(vocab, 1) // 8 * 8)
 
