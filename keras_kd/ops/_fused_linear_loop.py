@@ -300,7 +300,14 @@ def fused_loss(
         out = ops.stack([a * ce + (1.0 - a) * div, ce, div])
         return out, d_hidden, d_kernel
 
-    tensors = [inputs[k] for k in names]
+    return with_student_gradients(compute, [inputs[k] for k in names])
+
+
+def with_student_gradients(compute, tensors):
+    """`compute(tensors, gradients) -> (out, d_hidden, d_kernel)` as a
+    function of `tensors` whose gradient goes to the first two (the
+    student's hidden states and kernel), scaled by the upstream gradient
+    of `out[0]`, and to nothing else."""
     if keras.backend.backend() == "torch" and not _torch_needs_gradient(
         tensors[:2]
     ):

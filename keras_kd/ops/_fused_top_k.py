@@ -84,31 +84,7 @@ def _fused_top_k_loss(inputs, cfg):
             d_hidden, d_kernel = d_hidden * keep, d_kernel * keep
         return out, d_hidden, d_kernel
 
-    tensors = [inputs[k] for k in names]
-    if keras.backend.backend() == "torch" and not loop._torch_needs_gradient(
-        tensors[:2]
-    ):
-        # Evaluation: skip the two gradient matmuls of every chunk.
-        return compute(tensors, gradients=False)[0]
-
-    @ops.custom_gradient
-    def forward(*tensors):
-        out, d_hidden, d_kernel = compute(tensors, gradients=True)
-        hidden, kernel = tensors[:2]
-
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            up = ops.cast(upstream[0], dtype)
-            g_hidden = ops.reshape(d_hidden * up, ops.shape(hidden))
-            return (
-                ops.cast(g_hidden, hidden.dtype),
-                ops.cast(d_kernel * up, kernel.dtype),
-            ) + (None,) * (len(tensors) - 2)
-
-        return out, grad
-
-    return forward(*tensors)
+    return loop.with_student_gradients(compute, [inputs[k] for k in names])
 
 
 def _teacher_temperature(value, temperature):
