@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_session.sh
 #
 # Wheels of what the machine lacks (keras, namex, optree, keras-hub,
-# kagglehub, liger-kernel) are installed from .whl/ when that folder
-# exists. Logs and markdown fragments go to $OUT (default /tmp/gpu_out).
+# liger-kernel; not kagglehub, which keras-hub imports only when present
+# and which fails there without kagglesdk) are installed from .whl/ when
+# that folder exists. Logs and markdown fragments go to $OUT (default /tmp/gpu_out).
 # QUICK=1 makes every step a smoke run and NO_WHEELS=1 skips the wheels
 # (for rehearsing on a CPU with PY=.venv/bin/python).
 # Order: the benchmarks first, on a quiet machine; then the torch and JAX
