@@ -47,9 +47,8 @@ class KLDivergence(DivergenceLoss):
         dtype: the dtype of the loss computation.
         precise: `None` (default), `True` or `False`: the precise path
             (exact to a relative 1e-5 also for a student close to its
-            teacher), or the fast one; `None` is precise under JAX and
-            TensorFlow on a GPU or TPU, fast on CPUs and on torch (see
-            `keras_kd.ops`).
+            teacher), or the fast one; `None` is the fast path, on every
+            backend and device measured (see `keras_kd.ops`).
 
     Example:
 
@@ -140,9 +139,8 @@ class SymmetricKLDivergence(DivergenceLoss):
         dtype: the dtype of the loss computation.
         precise: `None` (default), `True` or `False`: the precise path
             (exact to a relative 1e-5 also for a student close to its
-            teacher), or the fast one; `None` is precise under JAX and
-            TensorFlow on a GPU or TPU, fast on CPUs and on torch (see
-            `keras_kd.ops`).
+            teacher), or the fast one; `None` is the fast path, on every
+            backend and device measured (see `keras_kd.ops`).
     """
 
     fn = staticmethod(kd_ops.symmetric_kl_divergence)
@@ -194,9 +192,8 @@ class JensenShannonDivergence(DivergenceLoss):
         dtype: the dtype of the loss computation.
         precise: `None` (default), `True` or `False`: the precise path
             (exact to a relative 1e-5 also for a student close to its
-            teacher), or the fast one; `None` is precise under JAX and
-            TensorFlow on a GPU or TPU, fast on CPUs and on torch (see
-            `keras_kd.ops`).
+            teacher), or the fast one; `None` is the fast path, on every
+            backend and device measured (see `keras_kd.ops`).
 
     Reference:
         Agarwal et al. On-Policy Distillation of Language Models. ICLR 2024.

@@ -51,8 +51,8 @@ class DecoupledKD(DivergenceLoss):
         reduction: a Keras reduction, default `"sum_over_batch_size"`.
         name: the loss name.
         dtype: the dtype of the loss computation.
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False` (see `keras_kd.ops.decoupled_kd`).
 
     Example:

@@ -63,8 +63,8 @@ class RDropCategoricalCrossentropy(_RDropLoss):
         reduction: a Keras reduction, default `"sum_over_batch_size"`.
         name: the loss name.
         dtype: the dtype of the loss computation.
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`: the path of the symmetric KL (see
             `keras_kd.ops.symmetric_kl_divergence`). The gradient is a
             closed form (`keras_kd.ops._rdrop.rdrop_cross_entropy`).
@@ -100,8 +100,8 @@ class RDropSparseCategoricalCrossentropy(_RDropLoss):
         reduction: a Keras reduction, default `"sum_over_batch_size"`.
         name: the loss name.
         dtype: the dtype of the loss computation.
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`: the path of the symmetric KL (see
             `keras_kd.ops.symmetric_kl_divergence`). The gradient is a
             closed form (`keras_kd.ops._rdrop.rdrop_cross_entropy`).

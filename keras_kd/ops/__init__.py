@@ -18,10 +18,10 @@ Conventions shared by all functions:
   and without overflow for any finite logits (up to the float32 maximum).
   Nothing is clipped.
 - Two paths, chosen by `precise=None | True | False` on every divergence
-  and its Loss class (`None`: precise under JAX and TensorFlow on a GPU or
-  TPU, fast on CPUs and on torch, where the precise path's extra passes
-  over the logits are measurable; BENCHMARKS.md, issue 10). Both are never
-  negative and take the closed-form gradient
+  and its Loss class (`None`: the fast path, since the precise path's
+  extra passes over the logits were measurable on every backend and
+  device tried, an H200 included; BENCHMARKS.md, issues 10 and 11). Both
+  are never negative and take the closed-form gradient
   (`keras.ops.custom_gradient`; second order: `_gradients.py`).
 - Accuracy of the fast path, checked against float64
   (`tests/test_numerics_accuracy.py`): the absolute error of a divergence

@@ -76,9 +76,9 @@ def kl_divergence(
         axis: the class axis, summed away.
         precise: `None` (default), `True` or `False`: the precise path,
             exact to a relative 1e-5 also when student and teacher nearly
-            agree (see `keras_kd.ops`), or the fast one. `None` is precise
-            under JAX and TensorFlow on a GPU or TPU, fast on CPUs and on
-            torch (`keras_kd.ops._gradients.resolve_precise`).
+            agree (see `keras_kd.ops`), or the fast one. `None` is the
+            fast path, on every backend and device measured
+            (`keras_kd.ops._gradients.resolve_precise`).
 
     Returns:
         The divergence with `axis` removed, e.g. `[batch]` for
@@ -164,9 +164,9 @@ def symmetric_kl_divergence(
         axis: the class axis, summed away.
         precise: `None` (default), `True` or `False`: the precise path,
             exact to a relative 1e-5 also when student and teacher nearly
-            agree (see `keras_kd.ops`), or the fast one. `None` is precise
-            under JAX and TensorFlow on a GPU or TPU, fast on CPUs and on
-            torch (`keras_kd.ops._gradients.resolve_precise`).
+            agree (see `keras_kd.ops`), or the fast one. `None` is the
+            fast path, on every backend and device measured
+            (`keras_kd.ops._gradients.resolve_precise`).
 
     Returns:
         The divergence with `axis` removed.
@@ -215,9 +215,9 @@ def jensen_shannon_divergence(
         axis: the class axis, summed away.
         precise: `None` (default), `True` or `False`: the precise path,
             exact to a relative 1e-5 also when student and teacher nearly
-            agree (see `keras_kd.ops`), or the fast one. `None` is precise
-            under JAX and TensorFlow on a GPU or TPU, fast on CPUs and on
-            torch (`keras_kd.ops._gradients.resolve_precise`).
+            agree (see `keras_kd.ops`), or the fast one. `None` is the
+            fast path, on every backend and device measured
+            (`keras_kd.ops._gradients.resolve_precise`).
 
     Returns:
         The divergence with `axis` removed.

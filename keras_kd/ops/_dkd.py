@@ -100,8 +100,8 @@ def target_class_kd(
             whose label is not in `[0, classes)` gives NaN.
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`; see `decoupled_kd`.
 
     Returns:
@@ -132,8 +132,8 @@ def non_target_class_kd(
             whose label is not in `[0, classes)` gives NaN.
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`; see `decoupled_kd`.
 
     Returns:
@@ -188,8 +188,8 @@ def decoupled_kd(
         beta: weight of NCKD (8.0 in the paper for CIFAR-100).
         temperature: softening temperature `T > 0`.
         axis: the class axis (must be the last).
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`.
 
     Returns:

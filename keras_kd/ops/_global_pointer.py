@@ -47,8 +47,8 @@ def binary_symmetric_kl_divergence(
         y_true: logits `t`.
         y_pred: logits `s`, same shape.
         temperature: softening temperature `T > 0`.
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`.
 
     Returns:
@@ -82,8 +82,8 @@ def global_pointer_kl_divergence(
         axis: the axes of one label set, summed away. `None` means the
             `length x length` grid, `(-2, -1)`, for inputs of rank 4 and the
             last axis otherwise.
-        precise: `None` (precise under JAX and TensorFlow on a GPU or
-            TPU, fast on CPUs and on torch),
+        precise: `None` (the fast path, on every backend and device
+            measured),
             `True` or `False`.
 
     Returns:
