@@ -4,7 +4,7 @@ model's logits."""
 
 from keras import ops
 
-from keras_kd import _checks, lm_cache
+from keras_kd import _checks, _text_inputs, lm_cache
 from keras_kd import losses as kd_losses
 from keras_kd import ops as kd_ops
 from keras_kd._distiller_utils import (
@@ -135,8 +135,9 @@ class CausalLMDistiller(Distiller):
         distillation_loss=keras_kd.losses.KLDivergence(temperature=1.0),
         alpha=0.5,
     )
-    x, y, w = student.preprocessor(texts)  # token_ids/padding_mask, labels
-    distiller.fit(x, y, sample_weight=w, batch_size=4)
+    distiller.fit(texts, batch_size=4)  # raw text: student.preprocessor
+    x, y, w = student.preprocessor(texts)  # or token_ids/padding_mask,
+    distiller.fit(x, y, sample_weight=w, batch_size=4)  # labels, mask
 
     # Offline: the teacher runs once, before training.
     cache = keras_kd.cache_causal_lm_top_k(teacher, x, k=64, path="cache")
@@ -154,6 +155,59 @@ class CausalLMDistiller(Distiller):
         if chunk_size is not None:
             chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
         self.chunk_size = chunk_size
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`; `x` may also be raw text (a list or array of
+        strings), tokenized by the student's keras-hub preprocessor into
+        token ids, next-token labels and the padding mask as
+        `sample_weight` (then give no `y` nor `sample_weight`).
+        `validation_data` may be raw text too."""
+        x, y, kwargs = self._from_text(x, y, kwargs)
+        if _text_inputs.is_text(kwargs.get("validation_data")):
+            text = kwargs["validation_data"]
+            kwargs["validation_data"] = self._text_arrays(
+                text, "validation_data"
+            )
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`; `x` may be raw text, as in `fit`."""
+        x, y, kwargs = self._from_text(x, y, kwargs)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def _from_text(self, x, y, kwargs):
+        if not _text_inputs.is_text(x):
+            return x, y, kwargs
+        weights = kwargs.get("sample_weight")
+        if y is not None or weights is not None:
+            raise ValueError(
+                "With raw text in `x` the student's preprocessor makes the "
+                "labels and the sample weights: pass neither `y` nor "
+                f"`sample_weight`. Received: y={_short(y)}, "
+                f"sample_weight={_short(weights)}"
+            )
+        x, y, weights = self._text_arrays(x, "x")
+        return x, y, dict(kwargs, sample_weight=weights)
+
+    def _text_arrays(self, text, name):
+        preprocessor = getattr(self.student, "preprocessor", None)
+        if preprocessor is None:
+            raise ValueError(
+                f"`{name}` holds raw text, but the student has no "
+                "preprocessor to tokenize it: build it with one (e.g. "
+                "`LlamaCausalLMPreprocessor`), or pass token arrays "
+                f"`{{'token_ids', 'padding_mask'}}`. Received: {name}="
+                f"{_short(text)}"
+            )
+        if self.teacher is None:
+            raise ValueError(
+                f"`{name}` holds raw text, but offline distillation reads "
+                "the teacher's cached top-k arrays from `x` beside the "
+                "token ids: preprocess the text, cache the teacher with "
+                f"`cache_causal_lm_top_k` and pass both. Received: {name}="
+                f"{_short(text)}"
+            )
+        return _text_inputs.preprocess(preprocessor, text)
 
     def call(self, inputs, training=None):
         """The student's final hidden states `[batch, length, hidden]`."""
@@ -314,3 +368,8 @@ class CausalLMDistiller(Distiller):
         config = super().get_config()
         config["chunk_size"] = self.chunk_size
         return config
+
+
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
