@@ -10,7 +10,9 @@ is chosen once per process), as `python -m benchmarks.<module> [--quick]
 into DIR (see `benchmarks.common`). `BENCHMARKS.md` is then rebuilt from a
 machine header and every fragment in DIR, so a partial run refreshes its own
 fragments and keeps the others. Adding a benchmark is one line in `MODULES`;
-a listed module whose file does not exist yet is skipped.
+a listed module whose file does not exist yet is skipped. Sections measured
+elsewhere (`EXTRA_SECTIONS`: the loss engine, the fused linear losses, the
+GPU runs) are fragments in DIR as well.
 """
 
 import argparse
@@ -31,6 +33,11 @@ MODULES = [
     "bench_distiller",
     "bench_advanced",
 ]
+# Sections that follow the modules' ones: measured by modules run apart
+# from `make benchmarks` (on a lent GPU, by hand) and summaries written
+# across runs, each kept as a fragment (`<name>.md` notes, then
+# `<name>_<backend>.md`) so that assembling never drops them.
+EXTRA_SECTIONS = ["engine", "fused_linear", "causal_lm", "gpu"]
 BACKENDS = ["tensorflow", "torch", "jax"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -111,6 +118,7 @@ def fragment_order(results_dir):
     """
     paths = sorted(Path(results_dir).glob("*.md"))
     names = [m.removeprefix("bench_") for m in MODULES]
+    names += [n for n in EXTRA_SECTIONS if n not in names]
     names += sorted(
         {_benchmark_name(p.stem) for p in paths} - set(names), key=str
     )
