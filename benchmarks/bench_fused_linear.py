@@ -114,7 +114,8 @@ def step(loss_fn):
         ks = ks.detach().requires_grad_(True)
         value = loss_fn(hs, ks, ht, kt)
         grads = torch.autograd.grad(value, [hs, ks])
-        return value.detach(), grads
+        # On a GPU: wait for the kernels, or the timing reads the launch.
+        return common.block((value.detach(), grads))
 
     return run
 

@@ -31,7 +31,7 @@ only here, when it is installed and a GPU is present.
 
 import math
 
-from benchmarks import bench_engine, common
+from benchmarks import bench_engine, bench_fused_linear, common
 
 NAME = "gpu"
 T = 2.0
@@ -157,23 +157,15 @@ def liger_kl():
 
 
 def kl_implementations(name="kl"):
-    found = {}
-    peer = bench_engine.native_peer(name)
-    if peer is not None:
-        found[peer[0]] = peer[1]
+    """`bench_engine.implementations`, with Liger-Kernel's KL after the
+    backend's own where it runs."""
+    found = bench_engine.implementations(name)
     liger = liger_kl() if name == "kl" else None
-    if liger is not None:
-        found["Liger-Kernel LigerKLDIVLoss (Triton)"] = liger
-    found["plain keras.ops (autodiff)"] = bench_engine.plain_fn(name)
-    for precise, label in (
-        (None, "None (default)"),
-        (True, "True"),
-        (False, "False"),
-    ):
-        found[f"keras-kd, precise={label}"] = bench_engine.keras_kd_fn(
-            name, precise
-        )
-    return found
+    if liger is None:
+        return found
+    items = list(found.items())
+    items.insert(1, ("Liger-Kernel LigerKLDIVLoss (Triton)", liger))
+    return dict(items)
 
 
 def divergence_table(name, rows, vocab, dtype, repeats, gbps):
@@ -234,27 +226,9 @@ def fused_inputs(tokens, hs_width, ht_width, vocab):
 
 
 def fused_step(loss_fn):
-    """`run(hs, ks, ht, kt) -> (loss, (d hs, d ks))`, blocking."""
-    if common.backend() == "jax":
-        import jax
-
-        compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
-
-        def run(*args):
-            return common.block(compiled(*args))
-
-        run.lower = compiled.lower
-        return run
-    import torch
-
-    def run(hs, ks, ht, kt):
-        hs = hs.detach().requires_grad_(True)
-        ks = ks.detach().requires_grad_(True)
-        value = loss_fn(hs, ks, ht, kt)
-        grads = torch.autograd.grad(value, [hs, ks])
-        return common.block((value.detach(), grads))
-
-    return run
+    """`run(hs, ks, ht, kt) -> (loss, (d hs, d ks))`, blocking: the step
+    of `bench_fused_linear`."""
+    return bench_fused_linear.step(loss_fn)
 
 
 def fused_losses(chunks):

@@ -38,72 +38,13 @@ Conventions shared by the three functions:
   for larger matmuls. Token counts are padded to whole chunks (masked).
 """
 
-import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.ops import _fused_linear_args as args
 from keras_kd.ops import _fused_linear_loop as loop
 from keras_kd.ops._core import validate_temperature
 from keras_kd.ops._gradients import resolve_precise
-
-_DIVERGENCES = ("kl", "reverse_kl", "jsd")
-_LAYOUTS = ("hv", "vh")
-
-
-def _tensor(x):
-    if x is None:
-        return None
-    if isinstance(x, keras.Variable) and keras.backend.backend() == (
-        "tensorflow"
-    ):
-        # A variable read inside `tf.custom_gradient` makes it demand a
-        # `variables` gradient; read here, the gradient flows to it anyway.
-        return ops.copy(x)
-    return ops.convert_to_tensor(x)
-
-
-def _shape_error(name, expected, x):
-    return ValueError(
-        f"Invalid value for argument `{name}`. Expected {expected}. "
-        f"Received: {name}.shape={tuple(x.shape)}"
-    )
-
-
-def _kernel(name, kernel, layout, hidden):
-    """Returns the kernel's vocabulary size after checking its shape."""
-    _checks.choice(f"{name}_layout", layout, _LAYOUTS)
-    width = hidden.shape[-1]
-    h_axis = 0 if layout == "hv" else 1
-    if len(kernel.shape) != 2 or kernel.shape[h_axis] != width:
-        expected = "[hidden, vocab]" if layout == "hv" else "[vocab, hidden]"
-        raise _shape_error(
-            name, f"a {expected} kernel with hidden = {width}", kernel
-        )
-    return kernel.shape[1 - h_axis]
-
-
-def _same_leading(name, x, hidden, extra_dims=0):
-    lead = tuple(hidden.shape[:-1])
-    shape = tuple(x.shape)[: len(x.shape) - extra_dims]
-    ok = len(shape) == len(lead) and all(
-        a is None or b is None or a == b for a, b in zip(shape, lead)
-    )
-    if not ok:
-        raise _shape_error(name, f"the hidden states' leading shape {lead}", x)
-
-
-def _cap(name, value):
-    return (
-        None
-        if value is None
-        else _checks.number(name, value, low=0.0, low_open=True)
-    )
-
-
-def _weight(name, value):
-    if isinstance(value, keras.Variable) or ops.is_tensor(value):
-        return _tensor(value)
-    return _checks.fraction(name, value)
 
 
 def _call(
@@ -124,7 +65,7 @@ def _call(
 ):
     """Checks every argument, then runs the fused loop."""
     if divergence is not None:
-        _checks.choice("divergence", divergence, _DIVERGENCES)
+        _checks.choice("divergence", divergence, args.DIVERGENCES)
         beta = _checks.fraction("beta", beta)
         if divergence == "jsd" and beta in (0.0, 1.0):
             # The interior formula is 0 at both ends; GKD defines the end
@@ -132,18 +73,20 @@ def _call(
             divergence = "kl" if beta == 0.0 else "reverse_kl"
     temperature = validate_temperature(temperature)
     if not isinstance(temperature, float):
-        temperature = _tensor(temperature)
+        temperature = args.tensor(temperature)
     if chunk_size is not None:
         chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
-    hidden = _tensor(student_hidden)
-    kernel = _tensor(student_kernel)
-    vocab = _kernel("student_kernel", kernel, layouts[0], hidden)
-    teacher, t_kernel = _tensor(teacher_hidden), _tensor(teacher_kernel)
+    hidden = args.tensor(student_hidden)
+    kernel = args.tensor(student_kernel)
+    vocab = args.kernel_vocab("student_kernel", kernel, layouts[0], hidden)
+    teacher, t_kernel = args.tensor(teacher_hidden), args.tensor(teacher_kernel)
     if divergence is not None:
-        _same_leading("teacher_hidden", teacher, hidden, extra_dims=1)
-        t_vocab = _kernel("teacher_kernel", t_kernel, layouts[1], teacher)
+        args.same_leading("teacher_hidden", teacher, hidden, extra_dims=1)
+        t_vocab = args.kernel_vocab(
+            "teacher_kernel", t_kernel, layouts[1], teacher
+        )
         if t_vocab is not None and vocab is not None and t_vocab < vocab:
-            raise _shape_error(
+            raise args.shape_error(
                 "teacher_kernel",
                 f"at least the student's {vocab} vocabulary entries (extra "
                 "teacher entries, e.g. a padded vocabulary, are ignored)",
@@ -153,18 +96,18 @@ def _call(
         if t_vocab != vocab:
             cut = slice(0, vocab)
             t_kernel = t_kernel[:, cut] if layouts[1] == "hv" else t_kernel[cut]
-    labels, mask = _tensor(labels), _tensor(mask)
+    labels, mask = args.tensor(labels), args.tensor(mask)
     for name, value in (("labels", labels), ("mask", mask)):
         if value is not None:
-            _same_leading(name, value, hidden)
+            args.same_leading(name, value, hidden)
     cfg = {
         "divergence": divergence,
         "beta": beta,
         "labels": labels is not None,
         "student_layout": layouts[0],
         "teacher_layout": layouts[1],
-        "student_cap": _cap("student_logit_soft_cap", caps[0]),
-        "teacher_cap": _cap("teacher_logit_soft_cap", caps[1]),
+        "student_cap": args.cap("student_logit_soft_cap", caps[0]),
+        "teacher_cap": args.cap("teacher_logit_soft_cap", caps[1]),
         "temperature_is_one": isinstance(temperature, float)
         and temperature == 1.0,
         "chunk_size": chunk_size or loop.default_chunk_size(vocab),
@@ -407,7 +350,7 @@ def fused_linear_distillation_loss(
         divergence,
         beta,
         temperature,
-        _weight("alpha", alpha),
+        args.weight("alpha", alpha),
         chunk_size,
         (student_kernel_layout, teacher_kernel_layout),
         (student_logit_soft_cap, teacher_logit_soft_cap),

@@ -280,15 +280,9 @@ def fused_loss(
             teacher = ops.reshape(th, (-1, th.shape[-1]))
             teacher = ops.cast(teacher, teacher_dtype)
             teacher_kernel_ = ops.cast(tk, teacher_dtype)
-        if given["mask"] is not None:
-            weights = ops.cast(ops.reshape(given["mask"], (-1,)), dtype)
-        else:
-            weights = ops.ones((ops.shape(flat)[0],), dtype=dtype)
-        count = ops.sum(weights)
-        weights = weights / ops.where(count > 0, count, ops.ones_like(count))
-        labels_ = given["labels"]
-        if labels_ is not None:
-            labels_ = ops.cast(ops.reshape(labels_, (-1,)), "int32")
+        weights, labels_ = token_weights_and_labels(
+            given["mask"], given["labels"], ops.shape(flat)[0], dtype
+        )
         chunk = _Chunk(
             cfg, (kernel, teacher_kernel_), t, a, (dtype, grad_dtype), gradients
         )
@@ -301,6 +295,20 @@ def fused_loss(
         return out, d_hidden, d_kernel
 
     return with_student_gradients(compute, [inputs[k] for k in names])
+
+
+def token_weights_and_labels(mask, labels, rows, dtype):
+    """Flat per-token weights that sum to 1 over real tokens (all 0 when
+    none is real), and flat int32 labels (or `None`)."""
+    if mask is not None:
+        weights = ops.cast(ops.reshape(mask, (-1,)), dtype)
+    else:
+        weights = ops.ones((rows,), dtype=dtype)
+    count = ops.sum(weights)
+    weights = weights / ops.where(count > 0, count, ops.ones_like(count))
+    if labels is not None:
+        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+    return weights, labels
 
 
 def with_student_gradients(compute, tensors):

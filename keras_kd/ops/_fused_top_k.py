@@ -16,16 +16,9 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.ops import _fused_linear_args as args
 from keras_kd.ops import _fused_linear_loop as loop
 from keras_kd.ops._core import validate_temperature
-from keras_kd.ops._fused_linear import (
-    _cap,
-    _kernel,
-    _same_leading,
-    _shape_error,
-    _tensor,
-    _weight,
-)
 from keras_kd.ops._top_k_buckets import TopKChunk
 
 # A cached temperature is float32; one given as a Python float may differ
@@ -54,15 +47,9 @@ def _fused_top_k_loss(inputs, cfg):
         t, a = given["temperature"], given["alpha"]
         t = ops.cast(t, dtype) if ops.is_tensor(t) else t
         a = ops.cast(a, dtype) if ops.is_tensor(a) else a
-        if given["mask"] is not None:
-            weights = ops.cast(ops.reshape(given["mask"], (-1,)), dtype)
-        else:
-            weights = ops.ones((ops.shape(flat)[0],), dtype=dtype)
-        count = ops.sum(weights)
-        weights = weights / ops.where(count > 0, count, ops.ones_like(count))
-        labels = given["labels"]
-        if labels is not None:
-            labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        weights, labels = loop.token_weights_and_labels(
+            given["mask"], given["labels"], ops.shape(flat)[0], dtype
+        )
         chunk = TopKChunk(cfg, kernel, t, a, gradients)
         d_hidden, d_kernel, sums = loop._run_chunks(
             chunk,
@@ -94,7 +81,7 @@ def _teacher_temperature(value, temperature):
         return None
     number = _checks.as_python_number(value)
     if number is None or not isinstance(temperature, float):
-        return _tensor(value)
+        return args.tensor(value)
     if not abs(number - temperature) <= _TEMPERATURE_RTOL * temperature:
         raise _checks.invalid(
             "temperature",
@@ -110,36 +97,38 @@ def _call(student_hidden, student_kernel, teacher, labels, mask, options):
     """Checks every argument, then runs the fused loop."""
     temperature = validate_temperature(options["temperature"])
     if not isinstance(temperature, float):
-        temperature = _tensor(temperature)
+        temperature = args.tensor(temperature)
     chunk_size = options["chunk_size"]
     if chunk_size is not None:
         chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
     layout = options["student_kernel_layout"]
-    hidden, kernel = _tensor(student_hidden), _tensor(student_kernel)
-    vocab = _kernel("student_kernel", kernel, layout, hidden)
-    log_probs, ids, tail = (_tensor(x) for x in teacher)
-    _same_leading("teacher_top_k_log_probs", log_probs, hidden, 1)
-    _same_leading("teacher_top_k_ids", ids, hidden, 1)
-    _same_leading("teacher_tail_log_prob", tail, hidden)
+    hidden, kernel = args.tensor(student_hidden), args.tensor(student_kernel)
+    vocab = args.kernel_vocab("student_kernel", kernel, layout, hidden)
+    log_probs, ids, tail = (args.tensor(x) for x in teacher)
+    args.same_leading("teacher_top_k_log_probs", log_probs, hidden, 1)
+    args.same_leading("teacher_top_k_ids", ids, hidden, 1)
+    args.same_leading("teacher_tail_log_prob", tail, hidden)
     k = log_probs.shape[-1]
     if ids.shape[-1] != k:
-        raise _shape_error("teacher_top_k_ids", f"k = {k} ids per token", ids)
+        raise args.shape_error(
+            "teacher_top_k_ids", f"k = {k} ids per token", ids
+        )
     if k is not None and vocab is not None and k > vocab:
-        raise _shape_error(
+        raise args.shape_error(
             "teacher_top_k_log_probs", f"k <= the vocabulary {vocab}", log_probs
         )
     if not keras.backend.standardize_dtype(ids.dtype).startswith("int"):
         raise _checks.invalid(
             "teacher_top_k_ids", "integer token ids", ids.dtype
         )
-    labels, mask = _tensor(labels), _tensor(mask)
+    labels, mask = args.tensor(labels), args.tensor(mask)
     for name, value in (("labels", labels), ("mask", mask)):
         if value is not None:
-            _same_leading(name, value, hidden)
+            args.same_leading(name, value, hidden)
     cfg = {
         "labels": labels is not None,
         "student_layout": layout,
-        "student_cap": _cap(
+        "student_cap": args.cap(
             "student_logit_soft_cap", options["student_logit_soft_cap"]
         ),
         "temperature_is_one": isinstance(temperature, float)
@@ -304,7 +293,7 @@ def fused_linear_top_k_distillation_loss(
         "student_kernel_layout": student_kernel_layout,
         "student_logit_soft_cap": student_logit_soft_cap,
         "teacher_temperature": teacher_temperature,
-        "alpha": _weight("alpha", alpha),
+        "alpha": args.weight("alpha", alpha),
     }
     teacher = (
         teacher_top_k_log_probs,

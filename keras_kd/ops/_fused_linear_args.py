@@ -1,0 +1,68 @@
+"""Argument checks shared by the fused linear losses (`_fused_linear.py`)
+and their top-k offline variant (`_fused_top_k.py`): tensors, kernel
+layouts and shapes, soft caps and weights, each failing with a
+`ValueError` that names the argument."""
+
+import keras
+from keras import ops
+
+from keras_kd import _checks
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+LAYOUTS = ("hv", "vh")
+
+
+def tensor(x):
+    if x is None:
+        return None
+    if isinstance(x, keras.Variable) and keras.backend.backend() == (
+        "tensorflow"
+    ):
+        # A variable read inside `tf.custom_gradient` makes it demand a
+        # `variables` gradient; read here, the gradient flows to it anyway.
+        return ops.copy(x)
+    return ops.convert_to_tensor(x)
+
+
+def shape_error(name, expected, x):
+    return ValueError(
+        f"Invalid value for argument `{name}`. Expected {expected}. "
+        f"Received: {name}.shape={tuple(x.shape)}"
+    )
+
+
+def kernel_vocab(name, kernel, layout, hidden):
+    """Returns the kernel's vocabulary size after checking its shape."""
+    _checks.choice(f"{name}_layout", layout, LAYOUTS)
+    width = hidden.shape[-1]
+    h_axis = 0 if layout == "hv" else 1
+    if len(kernel.shape) != 2 or kernel.shape[h_axis] != width:
+        expected = "[hidden, vocab]" if layout == "hv" else "[vocab, hidden]"
+        raise shape_error(
+            name, f"a {expected} kernel with hidden = {width}", kernel
+        )
+    return kernel.shape[1 - h_axis]
+
+
+def same_leading(name, x, hidden, extra_dims=0):
+    lead = tuple(hidden.shape[:-1])
+    shape = tuple(x.shape)[: len(x.shape) - extra_dims]
+    ok = len(shape) == len(lead) and all(
+        a is None or b is None or a == b for a, b in zip(shape, lead)
+    )
+    if not ok:
+        raise shape_error(name, f"the hidden states' leading shape {lead}", x)
+
+
+def cap(name, value):
+    return (
+        None
+        if value is None
+        else _checks.number(name, value, low=0.0, low_open=True)
+    )
+
+
+def weight(name, value):
+    if isinstance(value, keras.Variable) or ops.is_tensor(value):
+        return tensor(value)
+    return _checks.fraction(name, value)
