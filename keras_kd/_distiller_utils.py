@@ -169,3 +169,23 @@ def _compatible(a, b):
     return len(a) == len(b) and all(
         x is None or y is None or x == y for x, y in zip(a, b)
     )
+
+
+def regularization(losses):
+    """The sum of a model's regularization `losses` in float32, or `None`
+    when it has none."""
+    if not losses:
+        return None
+    return ops.sum(ops.stack([ops.cast(ops.sum(v), "float32") for v in losses]))
+
+
+def deserialized(config, keys, custom_objects=None):
+    """A copy of `config` with its entries under `keys` (serialized Keras
+    objects, where present) deserialized."""
+    config = dict(config)
+    for key in keys:
+        if key in config:
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects
+            )
+    return config

@@ -62,3 +62,10 @@ def forget_compiled_loss(model):
     """
     model._compile_loss = None
     model.loss = None
+
+
+def loss_function_arguments(loss):
+    """The keyword arguments a Keras function-wrapping loss
+    (`keras.losses.SparseCategoricalCrossentropy`, ...) passes to its
+    function, `axis` included, which `get_config` leaves out."""
+    return dict(loss._fn_kwargs)

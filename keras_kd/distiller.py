@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_kd import _checks
+from keras_kd import _checks, _fused_terms
 from keras_kd import _distiller_utils as utils
 from keras_kd import losses as kd_losses
 from keras_kd._frozen_teacher import FrozenTeachers
@@ -115,7 +115,7 @@ class Distiller(FrozenTeachers, keras.Model):
         self._distillation_term = LossTrackers(
             [self.distillation_loss_tracker], name="distillation_loss_term"
         )
-        self._distillation_loss = None
+        self._distillation_loss = self._fused = None
         if student.built:
             self.built = True
 
@@ -194,7 +194,10 @@ class Distiller(FrozenTeachers, keras.Model):
 
         Keras calls this with the `y_pred` of its own forward pass, so the
         student runs once per step. The two terms are tracked (weighted by
-        batch size) as `student_loss` and `distillation_loss`.
+        batch size) as `student_loss` and `distillation_loss`. For a
+        `SparseCategoricalCrossentropy(from_logits=True)` with a keras-kd
+        `KLDivergence` a training step takes both from one pass over the
+        student's logits (`ops.sparse_crossentropy_and_kl_divergence`).
         """
         if self._distillation_loss is None:
             raise ValueError(
@@ -205,12 +208,21 @@ class Distiller(FrozenTeachers, keras.Model):
         if utils.is_placeholder(y):
             y = None
         teacher_pred = self.teacher_predictions(x)
-        distillation = self.compute_distillation_loss(
-            x, y, y_pred, teacher_pred, utils.own_copy(sample_weight)
+        # Not fused outside training: Keras builds its compiled loss then.
+        plan = self._fused if training else None
+        both = _fused_terms.terms(
+            plan, y, y_pred, teacher_pred, utils.own_copy(sample_weight)
         )
-        student = self.compute_student_loss(
-            x, y, y_pred, utils.own_copy(sample_weight)
-        )
+        if both is None:
+            both = (
+                self.compute_student_loss(
+                    x, y, y_pred, utils.own_copy(sample_weight)
+                ),
+                self.compute_distillation_loss(
+                    x, y, y_pred, teacher_pred, utils.own_copy(sample_weight)
+                ),
+            )
+        student, distillation = both
         if student is None:
             total = distillation
         else:
@@ -231,12 +243,7 @@ class Distiller(FrozenTeachers, keras.Model):
         return total
 
     def _regularization(self):
-        losses = self.losses
-        if not losses:
-            return None
-        return ops.sum(
-            ops.stack([ops.cast(ops.sum(v), "float32") for v in losses])
-        )
+        return utils.regularization(self.losses)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if utils.is_placeholder(y):
@@ -337,6 +344,10 @@ class Distiller(FrozenTeachers, keras.Model):
         self._distillation_loss = self._bind_temperature(distillation_loss)
         self._given_distillation_loss = distillation_loss
         self.alpha.assign(alpha)
+        # Hinton's pair in one pass where it applies (`_fused_terms`).
+        self._fused = _fused_terms.plan(
+            self, Distiller, loss, kwargs.get("loss_weights")
+        )
 
     def _default_distillation_loss(self):
         return kd_losses.KLDivergence()
@@ -384,10 +395,7 @@ class Distiller(FrozenTeachers, keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        for key in ("student", "teacher"):
-            if key in config:
-                config[key] = keras.saving.deserialize_keras_object(
-                    config[key], custom_objects=custom_objects
-                )
-        return cls(**config)
+        models = utils.deserialized(
+            config, ("student", "teacher"), custom_objects
+        )
+        return cls(**models)

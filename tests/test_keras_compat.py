@@ -15,7 +15,7 @@ from keras_kd import _keras_compat
 PRIVATE = re.compile(
     r"keras\.src|\._(compile_loss|compile_config|flatten_layers|"
     r"get_own_losses|trainable_variables|keras_mask|dtype_policy|"
-    r"direction)\b"
+    r"direction|fn_kwargs)\b"
 )
 
 
@@ -65,3 +65,15 @@ def test_forget_compiled_loss_drops_an_earlier_loss():
     np.testing.assert_allclose(
         history["loss"], history["distillation_loss"], rtol=1e-6
     )
+
+
+def test_loss_function_arguments_name_the_axis_and_the_flags():
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=3, axis=1
+    )
+    found = _keras_compat.loss_function_arguments(loss)
+    assert found["axis"] == 1
+    assert found["from_logits"] is True
+    assert found["ignore_class"] == 3
+    default = keras.losses.SparseCategoricalCrossentropy()
+    assert _keras_compat.loss_function_arguments(default)["axis"] == -1

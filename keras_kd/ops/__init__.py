@@ -62,6 +62,9 @@ from keras_kd.ops._core import _check_same_shape as _check_same_shape
 from keras_kd.ops._core import log_probabilities as log_probabilities
 from keras_kd.ops._core import validate_beta as validate_beta
 from keras_kd.ops._core import validate_temperature as validate_temperature
+from keras_kd.ops._distillation import (
+    sparse_crossentropy_and_kl_divergence as sparse_crossentropy_and_kl_divergence,  # noqa: E501
+)
 from keras_kd.ops._divergences import cross_entropy as cross_entropy
 from keras_kd.ops._divergences import entropy as entropy
 from keras_kd.ops._divergences import (
@@ -135,6 +138,7 @@ __all__ = [
     "multilabel_categorical_crossentropy",
     "non_target_class_kd",
     "paired_symmetric_kl_divergence",
+    "sparse_crossentropy_and_kl_divergence",
     "sparse_multilabel_categorical_crossentropy",
     "symmetric_kl_divergence",
     "target_class_kd",

@@ -30,6 +30,15 @@ def _target_mask(labels, logits, axis):
     backend (a one-hot op raises on torch and silently gives zeros on
     TensorFlow and JAX).
     """
+    labels, valid = _class_indices(labels, logits, axis)
+    classes = logits.shape[-1]
+    mask = ops.expand_dims(labels, -1) == ops.arange(classes, dtype="int32")
+    return ops.logical_and(mask, ops.expand_dims(valid, -1)), valid
+
+
+def _class_indices(labels, logits, axis=-1):
+    """`(labels, valid)`: the labels as int32 class indices (0 where not
+    valid) and whether each is in `[0, classes)`; see `_target_mask`."""
     if axis not in (-1, len(logits.shape) - 1):
         raise _checks.invalid(
             "axis",
@@ -54,9 +63,7 @@ def _target_mask(labels, logits, axis):
     if not keras.backend.is_int_dtype(labels.dtype):
         labels = ops.round(labels)
     valid = ops.logical_and(labels >= 0, labels < classes)
-    labels = ops.cast(ops.where(valid, labels, 0), "int32")
-    mask = ops.expand_dims(labels, -1) == ops.arange(classes, dtype="int32")
-    return ops.logical_and(mask, ops.expand_dims(valid, -1)), valid
+    return ops.cast(ops.where(valid, labels, 0), "int32"), valid
 
 
 def _where_valid(valid, value):

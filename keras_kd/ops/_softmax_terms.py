@@ -271,7 +271,12 @@ def _squeeze(x, axis):
 def _plain_scaled(x, temperature, axis):
     """`x / T` with at most one rounding per entry of the differences
     that matter: exact for a power of two, else after subtracting the row
-    maximum (for logits near 1e4, `x / T` alone loses 1e-4)."""
+    maximum (for logits near 1e4, `x / T` alone loses 1e-4). A tensor
+    temperature (a `keras.Variable` under a scheduler) is not known here,
+    so it takes the general form."""
+    if not isinstance(temperature, float):
+        top = ops.stop_gradient(_reduce_max(x, axis))
+        return (x - top) / ops.cast(temperature, x.dtype)
     if temperature == 1.0:
         return x
     if math.frexp(temperature)[0] == 0.5:
@@ -316,7 +321,7 @@ def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
         temp = temperature if constant else temp[0]
         teacher_grad = not eager or bool(getattr(t, "requires_grad", True))
         found = None
-        optimistic = constant and isinstance(axis, int) and torch_eager()
+        optimistic = isinstance(axis, int) and torch_eager()
         if optimistic:
             pair = _optimistic_pair(t, s, temp, axis)
             if precise:
