@@ -1,10 +1,10 @@
-"""The `Distiller`'s one-pass path for Hinton's loss.
+"""The `Distiller`'s fused path for Hinton's loss.
 
 When the student's compiled loss is a `SparseCategoricalCrossentropy` on
 logits and the distillation loss keras-kd's `KLDivergence`, the two terms
-come from `ops.sparse_crossentropy_and_kl_divergence`: one forward pass
-over the student's logits and one combined gradient, instead of two losses
-each with its own softmax and a third pass adding their gradients. The
+come from `ops.sparse_crossentropy_and_kl_divergence`: one forward
+computation and one combined gradient expression, instead of two losses
+with two backward passes whose gradients are then added. The
 values are those of the two losses (each term keeps its own Keras
 reduction and sample weighting); any case this path does not cover falls
 back to the two losses, unchanged. On torch the two losses are faster, and
@@ -53,7 +53,7 @@ def plan(model, base, loss, loss_weights):
     if keras.backend.backend() == "torch":
         # Eager torch runs every op as its own pass, and its
         # `cross_entropy` kernel is leaner than any composition of ops:
-        # the one-pass op measured 1.4x the two losses' step there
+        # the fused op measured 1.4x the two losses' step there
         # (BENCHMARKS.md, "Distiller step").
         return None
     cls = type(model)

@@ -196,8 +196,8 @@ class Distiller(FrozenTeachers, keras.Model):
         student runs once per step. The two terms are tracked (weighted by
         batch size) as `student_loss` and `distillation_loss`. For a
         `SparseCategoricalCrossentropy(from_logits=True)` with a keras-kd
-        `KLDivergence` a training step takes both from one pass over the
-        student's logits (`ops.sparse_crossentropy_and_kl_divergence`).
+        `KLDivergence` a training step on JAX or TensorFlow takes both from
+        one op (`ops.sparse_crossentropy_and_kl_divergence`).
         """
         if self._distillation_loss is None:
             raise ValueError(
@@ -344,7 +344,7 @@ class Distiller(FrozenTeachers, keras.Model):
         self._distillation_loss = self._bind_temperature(distillation_loss)
         self._given_distillation_loss = distillation_loss
         self.alpha.assign(alpha)
-        # Hinton's pair in one pass where it applies (`_fused_terms`).
+        # Hinton's pair as one op where it applies (`_fused_terms`).
         self._fused = _fused_terms.plan(
             self, Distiller, loss, kwargs.get("loss_weights")
         )

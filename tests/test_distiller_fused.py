@@ -1,4 +1,4 @@
-"""Hinton's two terms in one pass: `ops.sparse_crossentropy_and_kl_divergence`
+"""Hinton's two terms as one op: `ops.sparse_crossentropy_and_kl_divergence`
 against float64 NumPy and against the two separate losses, and the
 Distiller's fused training step against its unfused twin."""
 
@@ -148,7 +148,7 @@ def test_bad_labels_shape_is_a_clear_error():
 
 class Unfused(keras_kd.Distiller):
     """The same Distiller computing its two terms as two losses (an
-    override of a term turns the one-pass path off)."""
+    override of a term turns the fused path off)."""
 
     def compute_student_loss(self, *args, **kwargs):
         return super().compute_student_loss(*args, **kwargs)

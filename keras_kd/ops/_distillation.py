@@ -30,9 +30,10 @@ def sparse_crossentropy_and_kl_divergence(
     The two terms of classic distillation (Hinton et al., 2015) each read
     the student's logits and each build a softmax of them. Computed as two
     separate losses (a Keras `SparseCategoricalCrossentropy` and a
-    `KLDivergence`) they are two passes over the logits forward and two
-    gradients added in a third; here both terms and one combined gradient
-    come from the same forward pass:
+    `KLDivergence`) they are two backward passes whose gradients are then
+    added; here both terms come from one forward computation and the
+    gradient is one elementwise expression (fused into one pass under
+    XLA):
 
     ```
     Q1 = softmax(y_pred), Q = softmax(y_pred / T), P = softmax(y_true / T)
