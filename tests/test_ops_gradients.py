@@ -148,3 +148,31 @@ def test_kl_fully_masked_teacher_row_contributes_zero():
         kd.kl_divergence(p, q, from_logits=False)
     )
     np.testing.assert_allclose(value, [0.0, 0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize("precise", [False, True])
+def test_global_pointer_masked_entries_have_zero_value_and_gradient(precise):
+    t, s, _ = global_pointer_logits(mask_value=NEG_INF)
+    masked = np.isneginf(t)
+    # One side masked only counts as masked too.
+    s[0, 0, 0, 1], t[0, 0, 1, 2] = NEG_INF, NEG_INF
+    masked[0, 0, 0, 1] = masked[0, 0, 1, 2] = True
+
+    def per_entry(t_, s_):
+        return kd.global_pointer_kl_divergence(
+            t_, s_, axis=-1, precise=precise
+        )
+
+    grad_t, grad_s = backend_grad(per_entry, t, s)
+    np.testing.assert_array_equal(grad_s[masked], 0.0)
+    np.testing.assert_array_equal(grad_t[masked], 0.0)
+    assert np.all(np.isfinite(grad_s)) and np.all(grad_s[~masked] != 0.0)
+    t_open, s_open = np.where(masked, 0.0, t), np.where(masked, 0.0, s)
+    expected = kd.global_pointer_kl_divergence(
+        t_open, s_open, axis=-1, precise=precise
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(per_entry(t, s)),
+        keras.ops.convert_to_numpy(expected),
+        rtol=1e-6,
+    )
