@@ -159,9 +159,7 @@ def test_global_pointer_masked_entries_have_zero_value_and_gradient(precise):
     masked[0, 0, 0, 1] = masked[0, 0, 1, 2] = True
 
     def per_entry(t_, s_):
-        return kd.global_pointer_kl_divergence(
-            t_, s_, axis=-1, precise=precise
-        )
+        return kd.global_pointer_kl_divergence(t_, s_, axis=-1, precise=precise)
 
     grad_t, grad_s = backend_grad(per_entry, t, s)
     np.testing.assert_array_equal(grad_s[masked], 0.0)
