@@ -152,15 +152,25 @@ class Unfused(keras_kd.Distiller):
         return super().compute_student_loss(*args, **kwargs)
 
 
-def _trained(cls, weights, epochs=3, compile_kwargs=(), **fit_kwargs):
+def _trained(
+    cls, weights, epochs=3, compile_kwargs=(), reductions=None, **fit_kwargs
+):
     teacher, student = pair()
     student.set_weights(weights[0])
     teacher.set_weights(weights[1])
     distiller = cls(student, teacher)
+    student_reduction, kd_reduction = reductions or (
+        "sum_over_batch_size",
+        "sum_over_batch_size",
+    )
     distiller.compile(
         keras.optimizers.SGD(0.1),
-        loss=sparse_ce(),
-        distillation_loss=keras_kd.losses.KLDivergence(temperature=T),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=student_reduction
+        ),
+        distillation_loss=keras_kd.losses.KLDivergence(
+            temperature=T, reduction=kd_reduction
+        ),
         alpha=0.3,
         metrics=["sparse_categorical_accuracy"],
         **dict(compile_kwargs),
@@ -178,11 +188,18 @@ def _trained(cls, weights, epochs=3, compile_kwargs=(), **fit_kwargs):
     return history, student.get_weights()
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_fused_training_matches_the_two_losses(weighted):
+@pytest.mark.parametrize(
+    "weighted, reductions",
+    [
+        (False, None),
+        (True, None),
+        (True, ("sum", "mean_with_sample_weight")),
+    ],
+)
+def test_fused_training_matches_the_two_losses(weighted, reductions):
     teacher, student = pair()
     weights = (student.get_weights(), teacher.get_weights())
-    kwargs = {}
+    kwargs = {"reductions": reductions}
     if weighted:
         kwargs["sample_weight"] = np.linspace(0.0, 2.0, 32).astype("float32")
     fused, fused_weights = _trained(keras_kd.Distiller, weights, **kwargs)
