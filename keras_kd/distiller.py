@@ -209,10 +209,9 @@ class Distiller(FrozenTeachers, keras.Model):
             y = None
         teacher_pred = self.teacher_predictions(x)
         # Not fused outside training: Keras builds its compiled loss then.
+        # (Nor on torch, the one backend whose losses need `own_copy`.)
         plan = self._fused if training else None
-        both = _fused_terms.terms(
-            plan, y, y_pred, teacher_pred, utils.own_copy(sample_weight)
-        )
+        both = _fused_terms.terms(plan, y, y_pred, teacher_pred, sample_weight)
         if both is None:
             both = (
                 self.compute_student_loss(

@@ -1,6 +1,6 @@
 """Hinton's two distillation terms, the hard-label cross-entropy and the
-temperature KL, from one read of the student's logits and with one
-closed-form gradient."""
+temperature KL, from one forward computation and with one closed-form
+gradient."""
 
 import math
 
