@@ -201,7 +201,7 @@ def test_invalid_arguments():
 def test_example_runs_and_reports_perplexities():
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "examples" / "causal_lm_distill.py"
+    path = Path(__file__).parents[2] / "examples" / "causal_lm_distill.py"
     spec = importlib.util.spec_from_file_location("causal_lm_distill", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -243,7 +243,7 @@ def test_data_and_model_parallel_match_one_device():
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).parent
+    tests = Path(__file__).parents[1]
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=8",

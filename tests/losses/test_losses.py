@@ -343,7 +343,7 @@ def test_pitfall_torch_mean_and_masked_entries():
 
 
 def test_readme_losses_examples_run():
-    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text("utf-8")
     start = readme.index("## Losses")
     end = readme.find("\n## ", start + 1)
     section = readme[start : end if end > 0 else None]

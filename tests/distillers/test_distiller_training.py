@@ -14,7 +14,7 @@ from conftest import BACKEND
 import keras_kd
 from keras_kd import losses
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(epochs=2, **compile_kwargs):

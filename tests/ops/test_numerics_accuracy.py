@@ -127,7 +127,7 @@ def test_clearly_wrong_student_is_relative_1e5():
 
 
 def test_docs_state_the_checked_bound():
-    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text("utf-8")
     start = readme.index("## Losses")
     section = readme[start : readme.find("\n## ", start + 1)]
     text = re.sub(r"\s+", " ", section)
