@@ -7,9 +7,16 @@ prints a comparison table and writes a plot of the learning curves under
 """
 
 import argparse
+import logging
 import os
 import sys
 import time
+import warnings
+
+# Before the backend is imported (it is already when this runs as
+# `python -m keras_kd.demo`, whose package imports Keras; then these quiet
+# what TensorFlow logs later, and a process re-executed for `--backend`).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BACKENDS = ("tensorflow", "torch", "jax")
 
@@ -64,7 +71,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--output-dir", default="runs", help="where the plot goes (runs/)"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines: only the table and the plot's path",
+    )
     args = parser.parse_args(argv)
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
@@ -132,17 +143,75 @@ def _accuracy(model, x, y):
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
-def _train(model, x, y, validation, epochs, verbose, batch_size=32):
-    start = time.perf_counter()
+def _quiet_logs():
+    """Keeps library log records and warnings off the screen."""
+    for name in ("tensorflow", "absl", "jax", "jax._src.xla_bridge", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+
+
+class _Progress:
+    """One line per model: "Training X ... done (12.3 s, ...)".
+
+    On a terminal the line counts the epochs while the model trains; in a
+    log file it is written once, when the model is done.
+    """
+
+    def __init__(self, label, epochs, enabled):
+        self.label, self.epochs, self.enabled = label, epochs, enabled
+        self.live = enabled and sys.stdout.isatty()
+        self.start = time.perf_counter()
+
+    def callbacks(self):
+        if not self.live:
+            return []
+        import keras
+
+        progress = self
+
+        class EpochCounter(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                progress._show(f"epoch {epoch + 1}/{progress.epochs}")
+
+        self._show("")
+        return [EpochCounter()]
+
+    def _show(self, tail):
+        sys.stdout.write(f"\r\033[KTraining {self.label} ... {tail}")
+        sys.stdout.flush()
+
+    def done(self, accuracy):
+        seconds = time.perf_counter() - self.start
+        if self.enabled:
+            line = (
+                f"Training {self.label} ... done ({seconds:.1f} s, "
+                f"held-out accuracy {accuracy:.4f})"
+            )
+            print(f"\r\033[K{line}" if self.live else line, flush=True)
+        return seconds
+
+
+def _fit(model, label, data, test, epochs, show, batch_size=32):
+    """Trains silently; returns the history, seconds and test accuracy."""
+    progress = _Progress(label, epochs, show)
     history = model.fit(
-        x,
-        y,
-        validation_data=validation,
+        *data,
+        validation_data=test,
         epochs=epochs,
         batch_size=batch_size,
-        verbose=verbose,
+        verbose=0,
+        callbacks=progress.callbacks(),
     )
-    return history.history, time.perf_counter() - start
+    trained = getattr(model, "student", model)
+    accuracy = _accuracy(trained, *test)
+    seconds = progress.done(accuracy)
+    return trained, history.history, seconds, accuracy
 
 
 def run(args):
@@ -150,45 +219,41 @@ def run(args):
 
     import keras_kd
 
+    _quiet_logs()
     keras.utils.set_random_seed(args.seed)
     train, test = load_digits_split(args.train_fraction, args.seed)
     # The split is stratified and shuffled, so its head is a fair subset.
     few = (train[0][: args.student_examples], train[1][: args.student_examples])
-    # Progress bars on a terminal, one line per epoch in a log file.
-    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+    show = not args.quiet
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     metric = "sparse_categorical_accuracy"
     results = {}
 
-    print(
-        f"keras-kd demo on the {keras.backend.backend()} backend: the "
-        f"teacher learns from {len(train[0])} digits, the students from "
-        f"{len(few[0])} of them; {len(test[0])} digits are held out\n"
-    )
+    if show:
+        print(
+            f"keras-kd demo ({keras.backend.backend()} backend): digits; the "
+            f"teacher learns from {len(train[0])} of them, the students from "
+            f"{len(few[0])}; {len(test[0])} are held out for testing.",
+            flush=True,
+        )
 
-    print("[1/3] Teacher: MLP 64-256-256-10 with dropout")
     teacher = build_mlp((256, 256), 0.3, "teacher")
     teacher.compile(
         optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=[metric]
     )
-    history, seconds = _train(
-        teacher, *train, test, args.teacher_epochs, verbose
-    )
-    results["teacher"] = (teacher, history, seconds, len(train[0]))
+    label = f"teacher, MLP 64-256-256-10 ({args.teacher_epochs} epochs)"
+    found = _fit(teacher, label, train, test, args.teacher_epochs, show)
+    results["teacher"] = (*found, len(train[0]))
 
-    print("\n[2/3] Student from scratch: MLP 64-16-10")
     keras.utils.set_random_seed(args.seed + 1)
     scratch = build_mlp((16,), 0.0, "student_scratch")
     scratch.compile(
         optimizer=keras.optimizers.Adam(1e-2), loss=loss, metrics=[metric]
     )
-    history, seconds = _train(scratch, *few, test, args.epochs, verbose)
-    results["student (scratch)"] = (scratch, history, seconds, len(few[0]))
+    label = f"student from scratch, MLP 64-16-10 ({args.epochs} epochs)"
+    found = _fit(scratch, label, few, test, args.epochs, show)
+    results["student (scratch)"] = (*found, len(few[0]))
 
-    print(
-        f"\n[3/3] Student distilled from the teacher (T={args.temperature}"
-        f", alpha={args.alpha})"
-    )
     keras.utils.set_random_seed(args.seed + 1)  # same initial weights
     student = build_mlp((16,), 0.0, "student_distilled")
     distiller = keras_kd.Distiller(student=student, teacher=teacher)
@@ -201,31 +266,36 @@ def run(args):
         alpha=args.alpha,
         metrics=[metric],
     )
-    history, seconds = _train(distiller, *few, test, args.epochs, verbose)
-    results["student (distilled)"] = (
-        distiller.student,
-        history,
-        seconds,
-        len(few[0]),
+    label = (
+        f"student distilled from the teacher, T={args.temperature:g}, "
+        f"alpha={args.alpha:g} ({args.epochs} epochs)"
     )
+    found = _fit(distiller, label, few, test, args.epochs, show)
+    results["student (distilled)"] = (*found, len(few[0]))
 
     print()
-    print(_table(results, test))
+    print(_table(results))
+    gain = results["student (distilled)"][3] - results["student (scratch)"][3]
+    print(
+        f"\nDistillation {'gained' if gain >= 0 else 'lost'} "
+        f"{abs(gain) * 100:.1f} points of held-out accuracy over the same "
+        "student trained from scratch."
+    )
     path = _plot(results, args)
     if path:
-        print(f"\nLearning curves: {path}")
+        print(f"Learning curves: {path}")
 
 
-def _table(results, test):
+def _table(results):
     rows = [
         ("model", "labels", "held-out accuracy", "parameters", "training time")
     ]
-    for name, (model, _, seconds, examples) in results.items():
+    for name, (model, _, seconds, accuracy, examples) in results.items():
         rows.append(
             (
                 name,
                 str(examples),
-                f"{_accuracy(model, *test):.4f}",
+                f"{accuracy:.4f}",
                 f"{model.count_params():,}",
                 f"{seconds:.1f} s",
             )
@@ -255,7 +325,7 @@ def _plot(results, args):
 
     os.makedirs(args.output_dir, exist_ok=True)
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (_, history, _, _) in results.items():
+    for name, (_, history, *_) in results.items():
         key = "val_sparse_categorical_accuracy"
         epochs = range(1, len(history[key]) + 1)
         left.plot(epochs, history[key], label=name)

@@ -43,7 +43,9 @@ def _unflatten(arrays, name):
     if name in arrays:
         return arrays[name]
     prefix = name + "/"
-    found = {k[len(prefix) :]: arrays[k] for k in arrays if k.startswith(prefix)}
+    found = {
+        k[len(prefix) :]: arrays[k] for k in arrays if k.startswith(prefix)
+    }
     return found or None
 
 
