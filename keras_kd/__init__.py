@@ -6,22 +6,16 @@ from keras_kd import layers as layers
 from keras_kd import losses as losses
 from keras_kd import metrics as metrics
 from keras_kd import ops as ops
-from keras_kd.causal_lm import CausalLMDistiller as CausalLMDistiller
-from keras_kd.distiller import Distiller as Distiller
-from keras_kd.dkd import DKDDistiller as DKDDistiller
-from keras_kd.feature_distillation import FeatureDistiller as FeatureDistiller
-from keras_kd.lm_cache import cache_causal_lm_top_k as cache_causal_lm_top_k
-from keras_kd.lm_cache import load_causal_lm_top_k as load_causal_lm_top_k
-from keras_kd.multi_teacher import (
-    MultiTeacherDistiller as MultiTeacherDistiller,
-)
-from keras_kd.offline import OfflineDistiller as OfflineDistiller
+from keras_kd.distillers import Distiller as Distiller
+from keras_kd.distillers import DKDDistiller as DKDDistiller
+from keras_kd.distillers import FeatureDistiller as FeatureDistiller
+from keras_kd.distillers import MultiTeacherDistiller as MultiTeacherDistiller
+from keras_kd.distillers import OfflineDistiller as OfflineDistiller
+from keras_kd.distillers import cache_teacher_outputs as cache_teacher_outputs
+from keras_kd.distillers import load_teacher_outputs as load_teacher_outputs
+from keras_kd.lm import CausalLMDistiller as CausalLMDistiller
+from keras_kd.lm import cache_causal_lm_top_k as cache_causal_lm_top_k
+from keras_kd.lm import load_causal_lm_top_k as load_causal_lm_top_k
 from keras_kd.rdrop import RDrop as RDrop
-from keras_kd.teacher_cache import (
-    cache_teacher_outputs as cache_teacher_outputs,
-)
-from keras_kd.teacher_cache import (
-    load_teacher_outputs as load_teacher_outputs,
-)
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ from keras import ops, tree
 from keras_kd import _checks
 from keras_kd import _keras_compat as compat
 from keras_kd import losses as kd_losses
-from keras_kd._distiller_utils import (
+from keras_kd._model_utils import (
     carry_weights_without_labels,
     is_placeholder,
     unscale_for_replicas,

@@ -15,8 +15,8 @@ from _distiller_models import (
 
 import keras_kd
 from keras_kd import losses
-from keras_kd.offline import dense_from_top_k
-from keras_kd.teacher_cache import top_k_numpy
+from keras_kd.distillers.offline import dense_from_top_k
+from keras_kd.distillers.teacher_cache import top_k_numpy
 
 to_numpy = keras.ops.convert_to_numpy
 

@@ -243,19 +243,23 @@ def test_data_and_model_parallel_match_one_device():
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).parents[1]
+    here = Path(__file__).parent
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
         # Kept: a machine may find keras itself through PYTHONPATH.
         PYTHONPATH=os.pathsep.join(
-            [str(tests), *filter(None, [os.environ.get("PYTHONPATH")])]
+            [
+                str(here),
+                str(here.parent),
+                *filter(None, [os.environ.get("PYTHONPATH")]),
+            ]
         ),
         TF_CPP_MIN_LOG_LEVEL="3",
     )
     result = subprocess.run(
-        [sys.executable, str(tests / "_causal_lm_distributed.py")],
+        [sys.executable, str(here / "_causal_lm_distributed.py")],
         capture_output=True,
         text=True,
         env=env,

@@ -15,9 +15,9 @@ import keras
 from keras import ops
 
 from keras_kd import losses as kd_losses
+from keras_kd import ops as kd_ops
 from keras_kd._keras_compat import keras_mask, loss_function_arguments
 from keras_kd.losses.base import DivergenceLoss
-from keras_kd.ops._distillation import sparse_crossentropy_and_kl_divergence
 
 
 class _Computed(DivergenceLoss):
@@ -103,12 +103,14 @@ def terms(plan, y, y_pred, teacher_pred, sample_weight):
         labels = ops.squeeze(labels, axis=-1)
     if tuple(labels.shape) != shape[:-1]:
         return None
-    student_rows, distillation_rows = sparse_crossentropy_and_kl_divergence(
-        labels,
-        ops.cast(teacher_pred, plan.dtype),
-        ops.cast(y_pred, plan.dtype),
-        temperature=plan.temperature,
-        precise=plan.precise,
+    student_rows, distillation_rows = (
+        kd_ops.sparse_crossentropy_and_kl_divergence(
+            labels,
+            ops.cast(teacher_pred, plan.dtype),
+            ops.cast(y_pred, plan.dtype),
+            temperature=plan.temperature,
+            precise=plan.precise,
+        )
     )
     student = plan.student(student_rows, student_rows, sample_weight)
     distillation = plan.distillation(

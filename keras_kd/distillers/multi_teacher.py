@@ -7,9 +7,9 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd import ops as kd_ops
-from keras_kd._distiller_utils import check_pairs, frozen_call, own_copy
+from keras_kd._model_utils import check_pairs, frozen_call, own_copy
 from keras_kd.api import export
-from keras_kd.distiller import Distiller
+from keras_kd.distillers.distiller import Distiller
 
 COMBINE = ("probabilities", "losses")
 

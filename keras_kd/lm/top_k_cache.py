@@ -24,11 +24,12 @@ import numpy as np
 from keras import ops
 
 from keras_kd import _checks
-from keras_kd._distiller_utils import inputs_for
+from keras_kd._model_utils import inputs_for
+from keras_kd.distillers.teacher_cache import allocate
+from keras_kd.lm._keras_hub import check_causal_lm, output_head
 from keras_kd.ops import _fused_linear_loop as loop
 from keras_kd.ops import _fused_linear_math as fm
 from keras_kd.ops._top_k_buckets import tail_log_sum_exp, top_k_mask
-from keras_kd.teacher_cache import _allocate
 
 LOG_PROBS = "teacher_top_k_log_probs"
 IDS = "teacher_top_k_ids"
@@ -173,8 +174,6 @@ def cache_causal_lm_top_k(
     distiller.fit({**x, **cache}, y, sample_weight=w)
     ```
     """
-    from keras_kd.causal_lm import check_causal_lm, output_head  # a cycle
-
     check_causal_lm("teacher", teacher)
     kernel, layout, _ = output_head(teacher)
     full = kernel.shape[1 if layout == "hv" else 0]
@@ -208,10 +207,10 @@ def cache_causal_lm_top_k(
             # Written last: a cache without it is known to be incomplete.
             os.remove(stale)
     stored = {
-        LOG_PROBS: _allocate(path, LOG_PROBS, (rows, length, k), dtype),
-        IDS: _allocate(path, IDS, (rows, length, k), "int32"),
-        TAIL: _allocate(path, TAIL, (rows, length), "float32"),
-        TEMPERATURE: _allocate(path, TEMPERATURE, (rows,), "float32"),
+        LOG_PROBS: allocate(path, LOG_PROBS, (rows, length, k), dtype),
+        IDS: allocate(path, IDS, (rows, length, k), "int32"),
+        TAIL: allocate(path, TAIL, (rows, length), "float32"),
+        TEMPERATURE: allocate(path, TEMPERATURE, (rows,), "float32"),
     }
     stored[TEMPERATURE][:] = temperature
     backbone = teacher.backbone

@@ -5,10 +5,10 @@ import math
 
 from keras import ops
 
-from keras_kd._distiller_utils import inputs_for
+from keras_kd._model_utils import inputs_for
 from keras_kd.api import export
-from keras_kd.distiller import Distiller
-from keras_kd.teacher_cache import (
+from keras_kd.distillers.distiller import Distiller
+from keras_kd.distillers.teacher_cache import (
     INPUTS,
     TEACHER_LOGITS,
     TOP_K_INDICES,

@@ -5,17 +5,17 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
-from keras_kd._distiller_utils import batch_size, frozen_call
-from keras_kd._feature_views import (
+from keras_kd._keras_compat import LossTrackers
+from keras_kd._model_utils import batch_size, frozen_call
+from keras_kd.api import export
+from keras_kd.distillers._feature_views import (
     as_list,
     feature_pairs,
     feature_view,
     make_projection,
     resolve_feature_loss,
 )
-from keras_kd._keras_compat import LossTrackers
-from keras_kd.api import export
-from keras_kd.distiller import Distiller
+from keras_kd.distillers.distiller import Distiller
 
 
 @export

@@ -4,10 +4,10 @@ model's logits."""
 
 from keras import ops
 
-from keras_kd import _checks, _text_inputs, lm_cache
+from keras_kd import _checks
 from keras_kd import losses as kd_losses
 from keras_kd import ops as kd_ops
-from keras_kd._distiller_utils import (
+from keras_kd._model_utils import (
     batch_size,
     frozen_call,
     inputs_for,
@@ -15,40 +15,9 @@ from keras_kd._distiller_utils import (
     unscale_for_replicas,
 )
 from keras_kd.api import export
-from keras_kd.distiller import Distiller
-
-
-def check_causal_lm(name, model):
-    _checks.model(name, model)
-    backbone = getattr(model, "backbone", None)
-    head = getattr(backbone, "token_embedding", None)
-    if head is None or not hasattr(head, "embeddings"):
-        raise _checks.invalid(
-            name,
-            "a keras-hub `CausalLM` (a model with `backbone.token_embedding`, "
-            "e.g. `keras_hub.models.LlamaCausalLM`)",
-            model,
-        )
-    return model
-
-
-def output_head(model):
-    """`(kernel, layout, soft_cap)` of a keras-hub CausalLM's output head.
-
-    The head is the backbone's `token_embedding` used in reverse: a tied
-    embedding `[vocab, hidden]` (layout `"vh"`, used through its transpose
-    without a copy) or an untied reverse kernel `[hidden, vocab]`
-    (`"hv"`), and Gemma's final logit soft-cap, if any.
-    """
-    head = model.backbone.token_embedding
-    if getattr(head, "tie_weights", True):
-        return head.embeddings, "vh", getattr(head, "logit_soft_cap", None)
-    return (
-        head.reverse_embeddings,
-        "hv",
-        getattr(head, "logit_soft_cap", None),
-    )
-
+from keras_kd.distillers.distiller import Distiller
+from keras_kd.lm import _keras_hub as hub
+from keras_kd.lm import top_k_cache
 
 _DIVERGENCES = (
     # Most specific first: ReverseKLDivergence subclasses KLDivergence.
@@ -148,9 +117,9 @@ class CausalLMDistiller(Distiller):
     """
 
     def __init__(self, student, teacher=None, chunk_size=None, **kwargs):
-        check_causal_lm("student", student)
+        hub.check_causal_lm("student", student)
         if teacher is not None:
-            check_causal_lm("teacher", teacher)
+            hub.check_causal_lm("teacher", teacher)
         super().__init__(student, teacher, **kwargs)
         if chunk_size is not None:
             chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
@@ -163,7 +132,7 @@ class CausalLMDistiller(Distiller):
         `sample_weight` (then give no `y` nor `sample_weight`).
         `validation_data` may be raw text too."""
         x, y, kwargs = self._from_text(x, y, kwargs)
-        if _text_inputs.is_text(kwargs.get("validation_data")):
+        if hub.is_text(kwargs.get("validation_data")):
             text = kwargs["validation_data"]
             kwargs["validation_data"] = self._text_arrays(
                 text, "validation_data"
@@ -176,7 +145,7 @@ class CausalLMDistiller(Distiller):
         return super().evaluate(x, y, *args, **kwargs)
 
     def _from_text(self, x, y, kwargs):
-        if not _text_inputs.is_text(x):
+        if not hub.is_text(x):
             return x, y, kwargs
         weights = kwargs.get("sample_weight")
         if y is not None or weights is not None:
@@ -207,7 +176,7 @@ class CausalLMDistiller(Distiller):
                 f"`cache_causal_lm_top_k` and pass both. Received: {name}="
                 f"{_short(text)}"
             )
-        return _text_inputs.preprocess(preprocessor, text)
+        return hub.preprocess(preprocessor, text)
 
     def call(self, inputs, training=None):
         """The student's final hidden states `[batch, length, hidden]`."""
@@ -218,7 +187,7 @@ class CausalLMDistiller(Distiller):
         """The teacher's final hidden states, gradient-free; without a
         teacher, the cached top-k arrays of the batch `x`."""
         if self.teacher is None:
-            return lm_cache.cached_teacher(x)
+            return top_k_cache.cached_teacher(x)
         return frozen_call(self.teacher.backbone, x)
 
     def compile(
@@ -295,8 +264,10 @@ class CausalLMDistiller(Distiller):
 
     def _online_terms(self, x, y, y_pred, mask):
         loss = self.distillation_loss
-        kernel, layout, cap = output_head(self.student)
-        teacher_kernel, teacher_layout, teacher_cap = output_head(self.teacher)
+        kernel, layout, cap = hub.output_head(self.student)
+        teacher_kernel, teacher_layout, teacher_cap = hub.output_head(
+            self.teacher
+        )
         arguments = dict(
             mask=mask,
             divergence=_divergence_of(loss),
@@ -328,7 +299,7 @@ class CausalLMDistiller(Distiller):
         )
 
     def _offline_terms(self, x, y, y_pred, mask):
-        kernel, layout, cap = output_head(self.student)
+        kernel, layout, cap = hub.output_head(self.student)
         *teacher, cached_temperature = self.teacher_predictions(x)
         arguments = dict(
             mask=mask,

@@ -4,7 +4,7 @@ from keras import ops
 
 from keras_kd import losses as kd_losses
 from keras_kd.api import export
-from keras_kd.distiller import Distiller
+from keras_kd.distillers.distiller import Distiller
 
 
 @export

@@ -3,12 +3,13 @@
 import keras
 from keras import ops
 
-from keras_kd import _checks, _fused_terms
-from keras_kd import _distiller_utils as utils
+from keras_kd import _checks
+from keras_kd import _model_utils as utils
 from keras_kd import losses as kd_losses
-from keras_kd._frozen_teacher import FrozenTeachers
 from keras_kd._keras_compat import LossTrackers, forget_compiled_loss
 from keras_kd.api import export
+from keras_kd.distillers import _fused_terms
+from keras_kd.distillers._frozen_teacher import FrozenTeachers
 
 
 @export

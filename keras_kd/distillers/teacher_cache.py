@@ -25,7 +25,9 @@ def _rows(x):
     return int(leaves[0].shape[0])
 
 
-def _allocate(path, name, shape, dtype):
+def allocate(path, name, shape, dtype):
+    """An uninitialized array: in memory, or a `.npy` memory map named
+    `name` under the directory `path`."""
     if path is None:
         return np.empty(shape, dtype=dtype)
     return np.lib.format.open_memmap(
@@ -125,7 +127,7 @@ def cache_teacher_outputs(
             }
         if stored is None:
             stored = {
-                name: _allocate(path, name, (rows,) + a.shape[1:], a.dtype)
+                name: allocate(path, name, (rows,) + a.shape[1:], a.dtype)
                 for name, a in parts.items()
             }
         for name, a in parts.items():

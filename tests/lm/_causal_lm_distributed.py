@@ -1,4 +1,4 @@
-"""Run by tests/test_causal_lm.py in a subprocess with 8 virtual CPU
+"""Run by tests/lm/test_causal_lm.py in a subprocess with 8 virtual CPU
 devices: CausalLMDistiller under DataParallel and ModelParallel (teacher
 and student sharded by keras-hub's layout map) matches one device."""
 
