@@ -63,7 +63,7 @@ class _SpanCounts(keras.metrics.Metric):
                 # The span grid flattened, as the sparse loss indexes it.
                 flat = ops.reshape(y_pred, (*ops.shape(y_pred)[:2], -1))
             actual = ops.reshape(
-                kd_ops._positives_mask(y_true, flat, self.mask_zero),
+                kd_ops.sparse_multilabel_mask(y_true, flat, self.mask_zero),
                 ops.shape(y_pred),
             )
         else:

@@ -58,10 +58,7 @@ Conventions shared by all functions:
   `jax_enable_x64`); float16 and bfloat16 inputs are computed in float32.
 """
 
-from keras_kd.ops._core import _check_same_shape as _check_same_shape
 from keras_kd.ops._core import log_probabilities as log_probabilities
-from keras_kd.ops._core import validate_beta as validate_beta
-from keras_kd.ops._core import validate_temperature as validate_temperature
 from keras_kd.ops._distillation import (
     sparse_crossentropy_and_kl_divergence as sparse_crossentropy_and_kl_divergence,  # noqa: E501
 )
@@ -109,12 +106,14 @@ from keras_kd.ops._global_pointer import (
 from keras_kd.ops._global_pointer import (
     global_pointer_kl_divergence as global_pointer_kl_divergence,
 )
-from keras_kd.ops._multilabel import _positives_mask as _positives_mask
 from keras_kd.ops._multilabel import (
     multilabel_categorical_crossentropy as multilabel_categorical_crossentropy,
 )
 from keras_kd.ops._multilabel import (
     sparse_multilabel_categorical_crossentropy as sparse_multilabel_categorical_crossentropy,  # noqa: E501
+)
+from keras_kd.ops._multilabel import (
+    sparse_multilabel_mask as sparse_multilabel_mask,
 )
 
 __all__ = [
@@ -140,6 +139,7 @@ __all__ = [
     "paired_symmetric_kl_divergence",
     "sparse_crossentropy_and_kl_divergence",
     "sparse_multilabel_categorical_crossentropy",
+    "sparse_multilabel_mask",
     "symmetric_kl_divergence",
     "target_class_kd",
 ]

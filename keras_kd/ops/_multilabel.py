@@ -154,7 +154,7 @@ def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero=False):
         The loss `[...]` (the class axis removed).
     """
     y_pred = _as_float(y_pred)
-    positive = _positives_mask(y_true, y_pred, mask_zero)
+    positive = sparse_multilabel_mask(y_true, y_pred, mask_zero)
     value = multilabel_categorical_crossentropy(
         ops.cast(positive, y_pred.dtype), y_pred, axis=-1
     )
@@ -177,9 +177,34 @@ def _sparse_rows_valid(indices, num_classes, mask_zero):
     return ops.all(ops.logical_or(padding, in_range), axis=-1)
 
 
-def _positives_mask(indices, logits, mask_zero):
-    """Scatters sparse positive indices into a boolean mask like `logits`."""
-    indices = ops.cast(ops.convert_to_tensor(indices), "int32")
+def sparse_multilabel_mask(y_true, y_pred, mask_zero=False):
+    """The positive classes of sparse multi-label targets, as a boolean
+    mask shaped like `y_pred`.
+
+    The dense form of the labels `sparse_multilabel_categorical_crossentropy`
+    takes; `keras_kd.metrics.SpanF1` counts spans with it.
+
+    Args:
+        y_true: int indices of the positive classes `[..., max_positives]`,
+            padded with `-1` (or `0` with `mask_zero=True`). Indices outside
+            `[0, classes)` mark nothing.
+        y_pred: logits `[..., classes]` (only the shape is read); the last
+            axis must have a static size.
+        mask_zero: whether index 0 is padding rather than a class.
+
+    Returns:
+        A bool tensor shaped like `y_pred`, True at each row's positives.
+
+    Example:
+
+    >>> mask = keras_kd.ops.sparse_multilabel_mask([[2, 0, -1]], [[0.0] * 4])
+    >>> keras.ops.convert_to_numpy(mask)
+    array([[ True, False,  True, False]])
+    """
+    indices = ops.cast(ops.convert_to_tensor(y_true), "int32")
+    logits = (
+        y_pred if hasattr(y_pred, "shape") else ops.convert_to_tensor(y_pred)
+    )
     num_classes = logits.shape[-1]
     if num_classes is None:
         raise ValueError(

@@ -23,6 +23,7 @@ from _cases_keras import (
 from keras_kd import losses
 from keras_kd import ops as kd
 from keras_kd.losses.rdrop import validate_alpha
+from keras_kd.ops._core import validate_beta, validate_temperature
 
 pytestmark = pytest.mark.usefixtures("engine_path")
 
@@ -216,10 +217,10 @@ def test_other_numpy_arguments_and_wrappers():
     close(jsd(t, s), jsd64(t, s, 0.25).mean())
     with pytest.raises(ValueError, match=INVALID.format("beta", "beta")):
         losses.JensenShannonDivergence(beta=np.array(1.5))
-    assert kd.validate_beta(np.float32(0.5)) == 0.5
-    assert kd.validate_temperature(np.float32(3.0)) == 3.0
+    assert validate_beta(np.float32(0.5)) == 0.5
+    assert validate_temperature(np.float32(3.0)) == 3.0
     variable = keras.Variable(2.0)
-    assert kd.validate_temperature(variable) is variable
+    assert validate_temperature(variable) is variable
     assert validate_alpha(np.float32(2.0)) == 2.0
     with pytest.raises(ValueError, match=INVALID.format("alpha", "alpha")):
         validate_alpha(-1.0)
