@@ -1,8 +1,8 @@
 """Every use of a private Keras name in keras-kd, and nothing else.
 
 Public Keras has no route for the few things below. Each is imported or
-touched here only, and `tests/test_keras_compat.py` checks each one on the
-installed Keras, so an upgrade that moves or renames one fails the suite
+touched here only, and the test suite checks each one on the installed
+Keras, so an upgrade that moves or renames one fails the suite
 loudly instead of changing keras-kd's behaviour silently.
 """
 

@@ -63,8 +63,9 @@ def plan(model, base, loss, loss_weights):
     ):
         return None
     distillation_loss = model.distillation_loss
-    if loss_weights is not None or type(distillation_loss) is not (
-        kd_losses.KLDivergence
+    if loss_weights is not None or not (
+        isinstance(distillation_loss, kd_losses.DivergenceLoss)
+        and distillation_loss.divergence == "kl"
     ):
         return None
     if not isinstance(loss, keras.losses.SparseCategoricalCrossentropy):

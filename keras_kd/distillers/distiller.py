@@ -35,8 +35,8 @@ class Distiller(FrozenTeachers, keras.Model):
 
     Per step the student runs once (Keras' own forward pass; `compute_loss`
     reuses its `y_pred`) and the teacher once, in inference mode, behind
-    `ops.stop_gradient` (and, on PyTorch, under `torch.no_grad()`).
-    With dict inputs each model receives its own inputs, picked by name.
+    `ops.stop_gradient` (and, on PyTorch, under `torch.no_grad()`). With
+    dict inputs each model receives its own inputs, picked by name.
 
     The teacher is never trained and never modified: its weights are left
     out of the Distiller's `trainable_weights` (they are listed in
@@ -209,8 +209,7 @@ class Distiller(FrozenTeachers, keras.Model):
         if utils.is_placeholder(y):
             y = None
         teacher_pred = self.teacher_predictions(x)
-        # Not fused outside training: Keras builds its compiled loss then.
-        # (Nor on torch, the one backend whose losses need `own_copy`.)
+        # Not fused outside training (Keras builds its compiled loss then).
         plan = self._fused if training else None
         both = _fused_terms.terms(plan, y, y_pred, teacher_pred, sample_weight)
         if both is None:

@@ -19,20 +19,17 @@ from keras_kd.distillers.distiller import Distiller
 from keras_kd.lm import _keras_hub as hub
 from keras_kd.lm import top_k_cache
 
-_DIVERGENCES = (
-    # Most specific first: ReverseKLDivergence subclasses KLDivergence.
-    (kd_losses.ReverseKLDivergence, "reverse_kl"),
-    (kd_losses.KLDivergence, "kl"),
-    (kd_losses.JensenShannonDivergence, "jsd"),
-)
+# The divergences the fused language-model ops compute.
+_FUSED_DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 
 def _divergence_of(loss):
-    for cls, name in _DIVERGENCES:
-        if isinstance(loss, cls):
-            if not getattr(loss, "from_logits", True):
-                break
-            return name
+    if (
+        isinstance(loss, kd_losses.DivergenceLoss)
+        and loss.divergence in _FUSED_DIVERGENCES
+        and getattr(loss, "from_logits", True)
+    ):
+        return loss.divergence
     raise _checks.invalid(
         "distillation_loss",
         "`keras_kd.losses.KLDivergence`, `ReverseKLDivergence` or "

@@ -16,9 +16,23 @@ class DivergenceLoss(keras.losses.Loss):
     `temperature` may be a Python or NumPy number or a scalar
     `keras.Variable` (its current value is checked here), which lets a
     callback change it inside compiled train functions.
+
+    `divergence` names the softmax divergence a loss computes, by the name
+    the fused ops take (`"kl"`, `"reverse_kl"`, `"symmetric_kl"`, `"jsd"`),
+    or is `None`. The distillers' fused paths read it to compute the same
+    loss without calling the class. A subclass that sets its own `fn` or
+    `call` without naming a divergence names none, so a fused path never
+    computes a loss the class does not.
     """
 
     _fn_args = ()
+    divergence = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "divergence" not in own and ("fn" in own or "call" in own):
+            cls.divergence = None
 
     def __init__(self, reduction, name, dtype, **fn_kwargs):
         super().__init__(name=name, reduction=reduction, dtype=dtype)

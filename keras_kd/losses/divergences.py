@@ -65,6 +65,7 @@ class KLDivergence(DivergenceLoss):
 
     fn = staticmethod(kd_ops.kl_divergence)
     _fn_args = ("from_logits", "temperature", "axis", "precise")
+    divergence = "kl"
 
     def __init__(
         self,
@@ -92,7 +93,7 @@ def _reverse_kl_divergence(y_true, y_pred, **kwargs):
 
 
 @export
-class ReverseKLDivergence(KLDivergence):
+class ReverseKLDivergence(DivergenceLoss):
     """Reverse KL divergence `KL(student || teacher)` (mode seeking).
 
     Same arguments and temperature convention as `KLDivergence`; the student
@@ -104,6 +105,8 @@ class ReverseKLDivergence(KLDivergence):
     """
 
     fn = staticmethod(_reverse_kl_divergence)
+    _fn_args = ("from_logits", "temperature", "axis", "precise")
+    divergence = "reverse_kl"
 
     def __init__(
         self,
@@ -116,7 +119,13 @@ class ReverseKLDivergence(KLDivergence):
         precise=None,
     ):
         super().__init__(
-            temperature, from_logits, axis, reduction, name, dtype, precise
+            reduction,
+            name,
+            dtype,
+            temperature=temperature,
+            from_logits=from_logits,
+            axis=axis,
+            precise=precise,
         )
 
 
@@ -145,6 +154,7 @@ class SymmetricKLDivergence(DivergenceLoss):
 
     fn = staticmethod(kd_ops.symmetric_kl_divergence)
     _fn_args = ("from_logits", "temperature", "axis", "precise")
+    divergence = "symmetric_kl"
 
     def __init__(
         self,
@@ -201,6 +211,7 @@ class JensenShannonDivergence(DivergenceLoss):
 
     fn = staticmethod(kd_ops.jensen_shannon_divergence)
     _fn_args = ("beta", "from_logits", "temperature", "axis", "precise")
+    divergence = "jsd"
 
     def __init__(
         self,

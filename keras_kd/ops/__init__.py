@@ -20,22 +20,22 @@ Conventions shared by all functions:
 - Two paths, chosen by `precise=None | True | False` on every divergence
   and its Loss class (`None`: the fast path, since the precise path's
   extra passes over the logits were measurable on every backend and
-  device tried, an H200 included; BENCHMARKS.md, issues 10 and 11). Both
+  device tried, an H200 included; BENCHMARKS.md, "Loss engine"). Both
   are never negative and take the closed-form gradient
   (`keras.ops.custom_gradient`; second order: `_gradients.py`).
-- Accuracy of the fast path, checked against float64
-  (`tests/test_numerics_accuracy.py`): the absolute error of a divergence
-  is at most `1e-5 * T**2 * (1 + E|log P| + E|log Q|)`, the expectations
+- Accuracy of the fast path, checked against float64 by the test suite:
+  the absolute error of a divergence is at most
+  `1e-5 * T**2 * (1 + E|log P| + E|log Q|)`, the expectations
   taken under the distribution(s) that weight it (no `T**2` for entropy
   and cross-entropy): float32 rounding of log-probabilities of that size.
   That is a relative 1e-5 for a divergence of the order of the
   log-probabilities (a confidently wrong student), not for a tiny one: a
   student within 1e-3 of its teacher (KL about 1e-7) or `T = 1000` can be
   off by a relative 0.1 to 10.
-- Accuracy of the precise path (`tests/test_engine_precise.py`): a
-  relative 1e-5 of the exact value wherever the student is near its
-  teacher (KL down to 1e-10 `T**2`, also for a student shifted by a
-  constant, and at `T = 1000`), from `u = log P - log Q` exact to the
+- Accuracy of the precise path, checked the same way: a relative 1e-5 of
+  the exact value wherever the student is near its teacher (KL down to
+  1e-10 `T**2`, also for a student shifted by a constant, and at
+  `T = 1000`), from `u = log P - log Q` exact to the
   rounding of `t - s` (`_log_ratio.py`); rows far from the teacher
   (`_log_ratio.py` says which) have the fast path's bound.
 - A log-probability below the dtype's lowest value (about -3.4e38 in

@@ -176,10 +176,6 @@ def symmetric_kl_divergence(
     )
 
 
-def _symmetric_kl_of_logs(log_p, log_q, axis=-1):
-    return ops.sum((ops.exp(log_p) - ops.exp(log_q)) * (log_p - log_q), axis)
-
-
 def jensen_shannon_divergence(
     y_true,
     y_pred,

@@ -66,10 +66,6 @@ def _class_indices(labels, logits, axis=-1):
     return ops.cast(ops.where(valid, labels, 0), "int32"), valid
 
 
-def _where_valid(valid, value):
-    return ops.where(valid, value, math.nan)
-
-
 def _log_binary(log_p, mask):
     """`[log p_target, log (1 - p_target)]` from finite log-probabilities.
 

@@ -254,6 +254,7 @@ def test_fused_path_is_taken_in_training_steps(monkeypatch):
         "loss_weights",
         "override",
         "reverse_kl",
+        "kl_subclass",
     ],
 )
 def test_fused_path_is_not_taken_where_it_does_not_apply(monkeypatch, case):
@@ -271,9 +272,17 @@ def test_fused_path_is_not_taken_where_it_does_not_apply(monkeypatch, case):
         kwargs["loss_weights"] = 0.5
     elif case == "override":
         cls = Unfused
-    else:
+    elif case == "reverse_kl":
         kwargs["distillation_loss"] = keras_kd.losses.ReverseKLDivergence()
+    else:
+        # A KLDivergence whose math is its own names no divergence.
+        kwargs["distillation_loss"] = HalfKL()
     assert _fit_counts(monkeypatch, cls=cls, **kwargs) == 0
+
+
+class HalfKL(keras_kd.losses.KLDivergence):
+    def call(self, y_true, y_pred):
+        return 0.5 * super().call(y_true, y_pred)
 
 
 def test_fused_path_falls_back_for_a_masked_student(monkeypatch):

@@ -283,3 +283,21 @@ def test_agrees_with_optax(case):
             log_q, log_p, where=where
         )
         close(ours[alive], np_(expected)[alive])
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_attention_map_against_numpy(p, rng):
+    features = rng.normal(size=(2, 3, 4, 5)).astype("float32")
+    energy = np.mean(np.abs(features.astype("float64")) ** p, axis=-1)
+    energy = energy.reshape(2, -1)
+    expected = energy / np.linalg.norm(energy, axis=-1, keepdims=True)
+    actual = np_(kd.attention_map(features, p=p))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+    # Channels on another axis give the same map.
+    moved = np.moveaxis(features, -1, 1)
+    np.testing.assert_allclose(
+        np_(kd.attention_map(moved, p=p, axis=1)), actual, rtol=1e-6
+    )
+    # Scale invariance, and finite maps for huge activations.
+    huge = np_(kd.attention_map(features * 1e30, p=p))
+    np.testing.assert_allclose(huge, actual, rtol=1e-5, atol=1e-7)

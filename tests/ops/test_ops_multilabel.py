@@ -136,3 +136,23 @@ def test_multilabel_gradient_value(mask_value):
     expected = neg_terms / (1 + neg_terms.sum((-2, -1), keepdims=True))
     expected -= pos_terms / (1 + pos_terms.sum((-2, -1), keepdims=True))
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_sparse_multilabel_mask_matches_a_numpy_scatter(mask_zero, rng):
+    logits = rng.normal(size=(3, 2, 7)).astype("float32")
+    indices = rng.integers(-1, 9, size=(3, 2, 4)).astype("int32")
+    expected = np.zeros(logits.shape, bool)
+    for row in np.ndindex(indices.shape[:-1]):
+        for index in indices[row]:
+            # Padding (-1, or 0 with mask_zero) and out-of-range marks none.
+            if (1 if mask_zero else 0) <= index < logits.shape[-1]:
+                expected[row + (index,)] = True
+    mask = np_(kd.sparse_multilabel_mask(indices, logits, mask_zero))
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_sparse_multilabel_mask_checks_shapes():
+    with pytest.raises(ValueError, match="must agree on all axes"):
+        kd.sparse_multilabel_mask(np.zeros((2, 3), "int32"), np.zeros((3, 5)))
