@@ -1,9 +1,6 @@
 """`keras_kd.RDrop`'s contract: no hidden state, losses through Keras,
-divergence names, NumPy `alpha`, weighted unlabeled data, the tracker, the
-README section. NumPy references throughout, on every backend."""
-
-import re
-from pathlib import Path
+divergence names, NumPy `alpha`, weighted unlabeled data, the tracker.
+NumPy references throughout, on every backend."""
 
 import keras
 import numpy as np
@@ -357,30 +354,6 @@ def test_early_stopping_on_the_divergence_needs_no_mode():
     )
     assert stop.monitor_op is keras.ops.less
     assert "val_rdrop_divergence" not in rdrop.history.history
-
-
-# ------------------------------------------------------- 7. the README
-
-
-def _rdrop_blocks():
-    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
-    start = readme.index("### R-Drop\n")
-    end = readme.index("\n### ", start + 1)
-    section = readme[start:end]
-    return section, re.findall(r"```(\w*)\n(.*?)```", section, re.S)
-
-
-def test_readme_rdrop_section_runs(tmp_path, monkeypatch):
-    section, blocks = _rdrop_blocks()
-    assert [kind for kind, _ in blocks] == ["text", "python", "python"]
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    for _, code in blocks[1:]:
-        exec(code, namespace)
-    keys = sorted(namespace["history"].history)
-    assert f"sorted(history.history)  # {keys}" in section
-    assert keys == ["loss", "rdrop_divergence", "sparse_categorical_accuracy"]
-    assert namespace["unlabeled"].loss is None
 
 
 # ----------------------------------------- 8. what worked keeps working

@@ -2,8 +2,6 @@
 argument checks, serialization, training, and the pitfalls they remove."""
 
 import math
-import re
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -292,7 +290,7 @@ def test_fit_with_sparse_multilabel_loss():
     )
 
 
-# ------------------------------------------- pitfalls the README lists
+# ------------------------------------- pitfalls docs/losses.md lists
 
 
 def test_pitfall_probability_space_kl_of_raw_logits():
@@ -340,17 +338,3 @@ def test_pitfall_torch_mean_and_masked_entries():
     assert math.isnan(F.kl_div(log_q, p, reduction="batchmean").item())
     ours = np_(losses.KLDivergence(reduction="none")(t, s))
     close(ours, kl64(t, s))
-
-
-def test_readme_losses_examples_run():
-    readme = (Path(__file__).parents[2] / "README.md").read_text("utf-8")
-    start = readme.index("## Losses")
-    end = readme.find("\n## ", start + 1)
-    section = readme[start : end if end > 0 else None]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    runnable = [b for b in blocks if "F.kl_div" not in b]
-    assert len(runnable) >= 2
-    namespace = {}
-    for block in runnable:
-        exec(block, namespace)
-    assert "losses" in namespace

@@ -1,6 +1,6 @@
 """The accuracy keras-kd documents, checked against float64.
 
-The documented bound of the fast path (README "Losses", `keras_kd.ops`
+The documented bound of the fast path (docs/losses.md, `keras_kd.ops`
 docstring; every test here runs on both paths, and the precise one keeps
 it too): the absolute error of a divergence is at most
 
