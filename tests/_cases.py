@@ -173,6 +173,13 @@ def cross_entropy64(t, s, temperature=1.0):
     ).sum(-1)
 
 
+def sparse_ce64(labels, logits):
+    """`-log softmax(logits)[label]` per row."""
+    log_q = log_softmax64(logits)
+    labels = np.asarray(labels)
+    return -np.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
+
+
 def symmetric_kl64(t, s, temperature=1.0):
     return kl64(t, s, temperature) + kl64(s, t, temperature)
 

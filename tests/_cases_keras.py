@@ -1,5 +1,5 @@
-"""Keras-side helpers shared by the ops and loss tests: the session
-fixture, NumPy conversion, tolerances and backend autodiff."""
+"""Keras-side helpers shared by the tests: NumPy conversion, tolerances,
+backend autodiff and the engine-path fixture."""
 
 import keras
 import numpy as np
@@ -7,15 +7,6 @@ import pytest
 
 BACKEND = keras.backend.backend()
 RTOL, ATOL = 1e-5, 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _fresh_session():
-    # Imported by a test module, this overrides the conftest fixture: its
-    # gc.collect() costs ~0.5 s a test, and these tests build at most a few
-    # tiny models.
-    keras.backend.clear_session(free_memory=False)
-    keras.utils.set_random_seed(1234)
 
 
 @pytest.fixture(params=["precise", "fast"])

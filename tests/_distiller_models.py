@@ -35,25 +35,6 @@ def sparse_ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def log_softmax(z, axis=-1):
-    z = np.asarray(z, dtype="float64")
-    z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
-
-
-def kl_per_row(teacher_logits, student_logits, temperature=1.0):
-    """`T**2 * KL(softmax(t/T) || softmax(s/T))` per row, in float64."""
-    log_p = log_softmax(np.asarray(teacher_logits) / temperature)
-    log_q = log_softmax(np.asarray(student_logits) / temperature)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
-    return temperature**2 * kl
-
-
-def ce_per_row(labels, logits):
-    log_q = log_softmax(logits)
-    return -np.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
-
-
 def weights_of(model):
     return [np.array(w) for w in model.get_weights()]
 

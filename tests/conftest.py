@@ -42,10 +42,6 @@ def _fresh_session():
     yield
 
 
-def to_numpy(x):
-    return keras.ops.convert_to_numpy(x)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -6,11 +6,10 @@ import os
 import keras
 import numpy as np
 import pytest
+from _cases import kl64, sparse_ce64
 from _distiller_models import (
     assert_weights_equal,
-    ce_per_row,
     data,
-    kl_per_row,
     pair,
     sparse_ce,
     weights_of,
@@ -43,7 +42,7 @@ def test_temperature_follows_schedule_inside_compiled_steps():
     )
     t = distiller.teacher.predict(x, verbose=0)
     s = distiller.student.predict(x, verbose=0)
-    expected = [kl_per_row(t, s, temp).mean() for temp in temperatures]
+    expected = [kl64(t, s, temp).mean() for temp in temperatures]
     np.testing.assert_allclose(
         history.history["distillation_loss"], expected, rtol=1e-5
     )
@@ -73,7 +72,7 @@ def test_alpha_follows_schedule_with_current_value():
     np.testing.assert_allclose(history.history["alpha"], alphas, rtol=1e-6)
     t = distiller.teacher.predict(x, verbose=0)
     s = distiller.student.predict(x, verbose=0)
-    hard, soft = ce_per_row(y, s).mean(), kl_per_row(t, s).mean()
+    hard, soft = sparse_ce64(y, s).mean(), kl64(t, s).mean()
     np.testing.assert_allclose(
         history.history["loss"],
         alphas * hard + (1 - alphas) * soft,

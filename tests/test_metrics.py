@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from _cases_keras import np_
 
 from keras_kd.metrics import SpanF1, SpanPrecision, SpanRecall
 
@@ -41,15 +41,15 @@ def test_counts_and_f1_across_batches_match_a_hand_count():
         for labels, logits in batches():
             metric.update_state(labels, logits)
     # By hand: TP = 2 + 1, FP = 1 + 0, FN = 1 + 2.
-    assert float(to_numpy(f1.true_positives)) == 3.0
-    assert float(to_numpy(f1.false_positives)) == 1.0
-    assert float(to_numpy(f1.false_negatives)) == 3.0
-    np.testing.assert_allclose(to_numpy(f1.result()), 6.0 / 10.0)
-    np.testing.assert_allclose(to_numpy(precision.result()), 3.0 / 4.0)
-    np.testing.assert_allclose(to_numpy(recall.result()), 3.0 / 6.0)
+    assert float(np_(f1.true_positives)) == 3.0
+    assert float(np_(f1.false_positives)) == 1.0
+    assert float(np_(f1.false_negatives)) == 3.0
+    np.testing.assert_allclose(np_(f1.result()), 6.0 / 10.0)
+    np.testing.assert_allclose(np_(precision.result()), 3.0 / 4.0)
+    np.testing.assert_allclose(np_(recall.result()), 3.0 / 6.0)
     f1.reset_state()
-    assert float(to_numpy(f1.result())) == 0.0
-    assert float(to_numpy(f1.true_positives)) == 0.0
+    assert float(np_(f1.result())) == 0.0
+    assert float(np_(f1.true_positives)) == 0.0
 
 
 def test_threshold_and_sample_weight():
@@ -57,13 +57,13 @@ def test_threshold_and_sample_weight():
     metric = SpanF1(threshold=0.75)
     metric.update_state(labels, logits)
     # 0.5 drops below the threshold: TP 1, FP 1, FN 2.
-    np.testing.assert_allclose(to_numpy(metric.result()), 2.0 / 5.0)
+    np.testing.assert_allclose(np_(metric.result()), 2.0 / 5.0)
     metric = SpanF1()
     both = np.concatenate([b[1] for b in batches()])
     both_labels = np.concatenate([b[0] for b in batches()])
     metric.update_state(both_labels, both, sample_weight=np.array([1.0, 0.0]))
     # Only the first example counts: TP 2, FP 1, FN 1.
-    np.testing.assert_allclose(to_numpy(metric.result()), 4.0 / 6.0)
+    np.testing.assert_allclose(np_(metric.result()), 4.0 / 6.0)
 
 
 def test_sparse_labels_count_like_dense_labels():
@@ -76,10 +76,10 @@ def test_sparse_labels_count_like_dense_labels():
         dense.update_state(labels, logits)
         sparse.update_state(indices, logits)
     for name in ("true_positives", "false_positives", "false_negatives"):
-        assert float(to_numpy(getattr(sparse, name))) == float(
-            to_numpy(getattr(dense, name))
+        assert float(np_(getattr(sparse, name))) == float(
+            np_(getattr(dense, name))
         )
-    np.testing.assert_allclose(to_numpy(sparse.result()), 0.6)
+    np.testing.assert_allclose(np_(sparse.result()), 0.6)
 
 
 def test_config_round_trip_and_registration():

@@ -3,7 +3,8 @@
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from _cases import sparse_ce64, symmetric_kl64
+from _cases_keras import np_
 from keras import layers
 
 import keras_kd
@@ -59,22 +60,6 @@ def data(rows=16, seed=0):
     return x, rng.integers(0, 4, size=rows)
 
 
-def log_softmax(z):
-    z = z.astype("float64")
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def symmetric_kl(a, b):
-    la, lb = log_softmax(a), log_softmax(b)
-    return ((np.exp(la) - np.exp(lb)) * (la - lb)).sum(axis=-1)
-
-
-def sparse_ce(labels, logits):
-    log_p = log_softmax(logits)
-    return -np.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-
-
 def test_one_forward_pass_per_step():
     counter = CallCounter()
     rdrop = keras_kd.RDrop(classifier(counter=counter), alpha=1.0)
@@ -85,18 +70,18 @@ def test_one_forward_pass_per_step():
     )
     x, y = data(rows=24)
     history = rdrop.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert float(to_numpy(counter.calls)) == 3.0
-    assert float(to_numpy(counter.rows)) == 16.0
+    assert float(np_(counter.calls)) == 3.0
+    assert float(np_(counter.rows)) == 16.0
     # Compiled metrics see every example once, not twice.
     assert history.history["rows_seen"][-1] == 24.0
     assert set(history.history) == {"loss", "rdrop_divergence", "rows_seen"}
 
     logs = rdrop.evaluate(x, y, batch_size=24, verbose=0, return_dict=True)
-    assert float(to_numpy(counter.calls)) == 4.0
-    assert float(to_numpy(counter.rows)) == 24.0
+    assert float(np_(counter.calls)) == 4.0
+    assert float(np_(counter.rows)) == 24.0
     assert "rdrop_divergence" not in logs
     assert rdrop.predict(x[:5], verbose=0).shape == (5, 4)
-    assert float(to_numpy(counter.rows)) == 5.0
+    assert float(np_(counter.rows)) == 5.0
 
 
 def test_no_dropout_means_zero_divergence_and_the_plain_loss():
@@ -113,7 +98,7 @@ def test_no_dropout_means_zero_divergence_and_the_plain_loss():
     plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
         y, model(x, training=True), sample_weight=weights
     )
-    np.testing.assert_allclose(logs["loss"], to_numpy(plain), rtol=1e-6)
+    np.testing.assert_allclose(logs["loss"], np_(plain), rtol=1e-6)
 
 
 def test_loss_is_cross_entropy_plus_alpha_over_four_divergence():
@@ -129,12 +114,12 @@ def test_loss_is_cross_entropy_plus_alpha_over_four_divergence():
     assert tuple(y_pred.shape) == (12, 4)
     loss = rdrop.compute_loss(x, y, y_pred, weights, training=True)
 
-    p = to_numpy(y_pred)
-    ce = sparse_ce(np.repeat(y, 2), p) * np.repeat(weights, 2)
-    divergence = symmetric_kl(p[0::2], p[1::2])
+    p = np_(y_pred)
+    ce = sparse_ce64(np.repeat(y, 2), p) * np.repeat(weights, 2)
+    divergence = symmetric_kl64(p[0::2], p[1::2])
     assert divergence.min() > 1e-4  # dropout made the copies differ
     expected = ce.mean() + alpha / 4 * (divergence * weights).mean()
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
 
 
 def token_model():
@@ -158,13 +143,13 @@ def test_token_level_padding_contributes_nothing():
     y_pred = rdrop(TOKENS, training=True)
     loss = rdrop.compute_loss(TOKENS, TAGS, y_pred, training=True)
 
-    p = to_numpy(y_pred)
+    p = np_(y_pred)
     real = TOKENS > 0
-    ce = sparse_ce(np.repeat(TAGS, 2, axis=0), p)[np.repeat(real, 2, axis=0)]
-    divergence = symmetric_kl(p[0::2], p[1::2])[real]
+    ce = sparse_ce64(np.repeat(TAGS, 2, axis=0), p)[np.repeat(real, 2, axis=0)]
+    divergence = symmetric_kl64(p[0::2], p[1::2])[real]
     expected = ce.mean() + alpha / 4 * divergence.mean()
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
-    assert float(to_numpy(rdrop.divergence_tracker.result())) == (
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
+    assert float(np_(rdrop.divergence_tracker.result())) == (
         pytest.approx(divergence.mean(), rel=1e-5)
     )
 
@@ -182,11 +167,11 @@ def test_token_level_sample_weight_masks_the_divergence():
     y_pred = rdrop(TOKENS, training=True)
     y_pred = keras.ops.add(y_pred, 0.0)  # a fresh tensor: no Keras mask
     loss = rdrop.compute_loss(TOKENS, TAGS, y_pred, weights, training=True)
-    p = to_numpy(y_pred)
-    ce = sparse_ce(np.repeat(TAGS, 2, axis=0), p) * np.repeat(weights, 2, 0)
-    divergence = symmetric_kl(p[0::2], p[1::2]) * weights
+    p = np_(y_pred)
+    ce = sparse_ce64(np.repeat(TAGS, 2, axis=0), p) * np.repeat(weights, 2, 0)
+    divergence = symmetric_kl64(p[0::2], p[1::2]) * weights
     expected = ce.mean() + divergence.mean()
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
 
 
 def test_dict_inputs_and_two_outputs_each_get_their_divergence():
@@ -213,19 +198,19 @@ def test_dict_inputs_and_two_outputs_each_get_their_divergence():
     first, second = rdrop(x, training=True)
     loss = rdrop.compute_loss(x, y, [first, second], training=True)
 
-    p, q = to_numpy(first), to_numpy(second).astype("float64")
+    p, q = np_(first), np_(second).astype("float64")
     log_q = np.log(q)  # probabilities: their logs are the logits
     expected = (
-        sparse_ce(np.repeat(y[0], 2), p).mean()
-        + sparse_ce(np.repeat(y[1], 2), log_q).mean()
+        sparse_ce64(np.repeat(y[0], 2), p).mean()
+        + sparse_ce64(np.repeat(y[1], 2), log_q).mean()
         + alpha
         / 4
         * (
-            symmetric_kl(p[0::2], p[1::2]).mean()
-            + symmetric_kl(log_q[0::2], log_q[1::2]).mean()
+            symmetric_kl64(p[0::2], p[1::2]).mean()
+            + symmetric_kl64(log_q[0::2], log_q[1::2]).mean()
         )
     )
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
 
 
 def test_divergence_only_mode_for_unlabeled_data():
@@ -290,7 +275,7 @@ def test_global_pointer_with_rdrop_uses_the_sigmoid_divergence():
     y_pred = rdrop(ids, training=True)
     loss = rdrop.compute_loss(ids, labels, y_pred, training=True)
 
-    p = to_numpy(y_pred).astype("float64")
+    p = np_(y_pred).astype("float64")
     live = np.isfinite(p)
     assert not live[0::2].any() or (live[0::2] == live[1::2]).all()
     safe = np.where(live, p, 0.0)
@@ -302,7 +287,7 @@ def test_global_pointer_with_rdrop_uses_the_sigmoid_divergence():
     sig = (1 / (1 + np.exp(-s)) - 1 / (1 + np.exp(-t))) * (s - t)
     divergence = np.where(live[0::2], sig, 0.0).sum(axis=(2, 3))
     expected = mlce.mean() + alpha / 4 * divergence.mean()
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
 
     history = rdrop.fit(ids, labels, epochs=2, verbose=0).history
     assert np.isfinite(history["loss"]).all()
@@ -330,8 +315,8 @@ def test_saved_and_reloaded(tmp_path):
     assert loaded.divergence.temperature == 2.0
     assert isinstance(loaded.loss, keras.losses.SparseCategoricalCrossentropy)
     np.testing.assert_allclose(
-        to_numpy(loaded.predict(x, verbose=0)),
-        to_numpy(rdrop.predict(x, verbose=0)),
+        np_(loaded.predict(x, verbose=0)),
+        np_(rdrop.predict(x, verbose=0)),
         atol=1e-6,
     )
     history = loaded.fit(x, y, batch_size=8, epochs=1, verbose=0).history

@@ -5,7 +5,8 @@ NumPy references throughout, on every backend."""
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from _cases import log_softmax64, sparse_ce64, symmetric_kl64
+from _cases_keras import np_
 from keras import layers
 from test_rdrop import (
     TAGS,
@@ -13,9 +14,6 @@ from test_rdrop import (
     RowsSeen,
     classifier,
     data,
-    log_softmax,
-    sparse_ce,
-    symmetric_kl,
     token_model,
 )
 
@@ -31,7 +29,7 @@ def probe(a, b):
 
 
 def probe_values(model, x):
-    return (to_numpy(model(x)).astype("float64") ** 2).sum(axis=-1)
+    return (np_(model(x)).astype("float64") ** 2).sum(axis=-1)
 
 
 def unlabeled(model, divergence=probe, alpha=ALPHA):
@@ -62,27 +60,27 @@ def test_pairing_comes_from_the_arguments_not_from_the_last_call():
     paired = rdrop(x, training=True)
     single = rdrop(x, training=False)  # the most recent call: one pass
     loss = rdrop.compute_loss(x, y, paired, training=True)
-    p = to_numpy(paired)
-    expected = sparse_ce(np.repeat(y, 2), p).mean() + ALPHA / 4 * (
-        symmetric_kl(p[0::2], p[1::2]).mean()
+    p = np_(paired)
+    expected = sparse_ce64(np.repeat(y, 2), p).mean() + ALPHA / 4 * (
+        symmetric_kl64(p[0::2], p[1::2]).mean()
     )
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
 
     logs = rdrop.compute_metrics(x, y, paired)
-    assert float(to_numpy(logs["rows_seen"])) == 6.0  # first copies only
+    assert float(np_(logs["rows_seen"])) == 6.0  # first copies only
     accuracy = (p[0::2].argmax(-1) == y).mean()
     np.testing.assert_allclose(
-        to_numpy(logs["sparse_categorical_accuracy"]), accuracy, atol=1e-6
+        np_(logs["sparse_categorical_accuracy"]), accuracy, atol=1e-6
     )
     assert "rdrop_divergence" in logs
 
     rdrop(x, training=True)  # now the most recent call is paired
     loss = rdrop.compute_loss(x, y, single, training=False)
     np.testing.assert_allclose(
-        to_numpy(loss), sparse_ce(y, to_numpy(single)).mean(), rtol=1e-5
+        np_(loss), sparse_ce64(y, np_(single)).mean(), rtol=1e-5
     )
     logs = rdrop.compute_metrics(x, y, single)
-    assert float(to_numpy(logs["rows_seen"])) == 12.0
+    assert float(np_(logs["rows_seen"])) == 12.0
     assert "rdrop_divergence" not in logs
 
 
@@ -106,9 +104,9 @@ def test_evaluate_reports_no_divergence_as_dict_or_list():
     assert list(logs) == ["loss", "sparse_categorical_accuracy"]
     values = rdrop.evaluate(x, y, batch_size=5, verbose=0)
     np.testing.assert_allclose(values, list(logs.values()), rtol=1e-6)
-    logits = to_numpy(rdrop.model(x))
+    logits = np_(rdrop.model(x))
     np.testing.assert_allclose(
-        logs["loss"], sparse_ce(y, logits).mean(), rtol=1e-5
+        logs["loss"], sparse_ce64(y, logits).mean(), rtol=1e-5
     )
 
 
@@ -126,15 +124,15 @@ def test_masked_weighted_divergence_matches_keras_loss_masking(reduction):
     weights = np.array([0.5, 2.0, 1.5], "float32")
     y_pred = rdrop(TOKENS, training=True)
     loss = rdrop.compute_loss(TOKENS, None, y_pred, weights, training=True)
-    p = to_numpy(y_pred)
+    p = np_(y_pred)
     weighted = (TOKENS > 0) * weights[:, None]
-    terms = symmetric_kl(p[0::2], p[1::2]) * weighted
+    terms = symmetric_kl64(p[0::2], p[1::2]) * weighted
     expected = {
         "sum_over_batch_size": terms.sum() / (TOKENS > 0).sum(),
         "sum": terms.sum(),
         "mean_with_sample_weight": terms.sum() / weighted.sum(),
     }[reduction]
-    np.testing.assert_allclose(to_numpy(loss), ALPHA / 4 * expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), ALPHA / 4 * expected, rtol=1e-5)
 
 
 def test_a_function_divergence_is_averaged_over_rows_with_weights():
@@ -145,7 +143,7 @@ def test_a_function_divergence_is_averaged_over_rows_with_weights():
         x, None, rdrop(x, training=True), weights, training=True
     )
     expected = ALPHA / 4 * (probe_values(rdrop.model, x) * weights).mean()
-    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(loss), expected, rtol=1e-5)
 
 
 def test_sample_weights_are_not_changed_in_place():
@@ -155,21 +153,21 @@ def test_sample_weights_are_not_changed_in_place():
     weights = keras.ops.convert_to_tensor(
         np.array([[1.0, 2.0, 0.5, 1.0, 1.0]] * 3, "float32")
     )
-    before = to_numpy(weights).copy()
+    before = np_(weights).copy()
     y_pred = rdrop(TOKENS, training=True)
     first = rdrop.compute_loss(TOKENS, TAGS, y_pred, weights, training=True)
     second = rdrop.compute_loss(TOKENS, TAGS, y_pred, weights, training=True)
-    np.testing.assert_array_equal(to_numpy(weights), before)
-    p = to_numpy(y_pred)
+    np.testing.assert_array_equal(np_(weights), before)
+    p = np_(y_pred)
     real = TOKENS > 0
     w = before * real
-    ce = sparse_ce(np.repeat(TAGS, 2, axis=0), p) * np.repeat(w, 2, axis=0)
-    divergence = symmetric_kl(p[0::2], p[1::2]) * w
+    ce = sparse_ce64(np.repeat(TAGS, 2, axis=0), p) * np.repeat(w, 2, axis=0)
+    divergence = symmetric_kl64(p[0::2], p[1::2]) * w
     expected = ce.sum() / (2 * real.sum()) + ALPHA / 4 * (
         divergence.sum() / real.sum()
     )
-    np.testing.assert_allclose(to_numpy(first), expected, rtol=1e-5)
-    np.testing.assert_allclose(to_numpy(second), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(first), expected, rtol=1e-5)
+    np.testing.assert_allclose(np_(second), expected, rtol=1e-5)
 
 
 # ------------------------------------------------ 3. divergence names
@@ -186,9 +184,9 @@ def test_divergence_by_name_trains(name):
     x, _ = data(rows=6)
     y_pred = rdrop(x, training=True)
     loss = rdrop.compute_loss(x, None, y_pred, training=True)
-    p = to_numpy(y_pred)
+    p = np_(y_pred)
     np.testing.assert_allclose(
-        to_numpy(loss), 0.25 * symmetric_kl(p[0::2], p[1::2]).mean(), 1e-5
+        np_(loss), 0.25 * symmetric_kl64(p[0::2], p[1::2]).mean(), 1e-5
     )
     history = rdrop.fit(x, batch_size=6, epochs=1, verbose=0).history
     assert np.isfinite(history["loss"]).all()
@@ -244,7 +242,7 @@ def test_numpy_alpha_is_accepted(alpha, expected):
     x, _ = data(rows=4)
     loss = rdrop.compute_loss(x, None, rdrop(x, training=True))
     np.testing.assert_allclose(
-        to_numpy(loss),
+        np_(loss),
         expected / 4 * probe_values(rdrop.model, x).mean(),
         rtol=1e-5,
     )
@@ -369,10 +367,10 @@ def test_batch_normalization_statistics_are_those_of_one_copy():
     norm = model.layers[1]
     x64 = x.astype("float64")
     np.testing.assert_allclose(
-        to_numpy(norm.moving_mean), 0.5 * x64.mean(0), rtol=1e-5, atol=1e-6
+        np_(norm.moving_mean), 0.5 * x64.mean(0), rtol=1e-5, atol=1e-6
     )
     np.testing.assert_allclose(
-        to_numpy(norm.moving_variance), 0.5 + 0.5 * x64.var(0), rtol=1e-5
+        np_(norm.moving_variance), 0.5 + 0.5 * x64.var(0), rtol=1e-5
     )
 
 
@@ -384,10 +382,10 @@ def test_compile_is_restored_from_a_saved_model(tmp_path):
     rdrop.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.compiled
-    assert int(to_numpy(loaded.optimizer.iterations)) == 2
-    logits = to_numpy(loaded.model(x))
+    assert int(np_(loaded.optimizer.iterations)) == 2
+    logits = np_(loaded.model(x))
     logs = loaded.evaluate(x, y, verbose=0, return_dict=True)
     np.testing.assert_allclose(
-        logs["loss"], -log_softmax(logits)[np.arange(16), y].mean(), 1e-5
+        logs["loss"], -log_softmax64(logits)[np.arange(16), y].mean(), 1e-5
     )
     assert set(logs) == {"loss", "sparse_categorical_accuracy"}

@@ -3,13 +3,12 @@
 import keras
 import numpy as np
 import pytest
+from _cases import kl64, sparse_ce64
 from _distiller_models import (
     CLASSES,
     FEATURES,
     assert_weights_equal,
-    ce_per_row,
     data,
-    kl_per_row,
     mlp,
     pair,
     sparse_ce,
@@ -66,8 +65,8 @@ def test_logged_terms_match_reference(alpha):
     )
     history = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
-    distill = kl_per_row(t, s, 3.0).mean()
-    hard = ce_per_row(y, s).mean()
+    distill = kl64(t, s, 3.0).mean()
+    hard = sparse_ce64(y, s).mean()
     logs = {k: v[0] for k, v in history.history.items()}
     np.testing.assert_allclose(logs["distillation_loss"], distill, atol=1e-5)
     np.testing.assert_allclose(logs["student_loss"], hard, atol=1e-5)
@@ -82,13 +81,13 @@ def test_pure_distillation_needs_no_labels():
     before = teacher.predict(x, verbose=0)
     distiller = keras_kd.Distiller(student, teacher)
     distiller.compile(keras.optimizers.Adam(0.05), alpha=0.5)
-    gap = kl_per_row(before, student.predict(x, verbose=0)).mean()
+    gap = kl64(before, student.predict(x, verbose=0)).mean()
     history = distiller.fit(x, epochs=5, batch_size=8, verbose=0)
     assert set(history.history) == {"loss", "distillation_loss"}
     np.testing.assert_allclose(
         history.history["loss"], history.history["distillation_loss"]
     )
-    after = kl_per_row(before, student.predict(x, verbose=0)).mean()
+    after = kl64(before, student.predict(x, verbose=0)).mean()
     assert after < 0.5 * gap
 
 
@@ -180,8 +179,8 @@ def test_sample_weight_weights_both_terms():
         x, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True
     )
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
-    distill = np.sum(w * kl_per_row(t, s)) / len(x)
-    hard = np.sum(w * ce_per_row(y, s)) / len(x)
+    distill = np.sum(w * kl64(t, s)) / len(x)
+    hard = np.sum(w * sparse_ce64(y, s)) / len(x)
     np.testing.assert_allclose(logs["distillation_loss"], distill, atol=1e-5)
     np.testing.assert_allclose(logs["student_loss"], hard, atol=1e-5)
     np.testing.assert_allclose(
@@ -217,8 +216,8 @@ def test_keras_mask_of_student_output_applies():
         ids, ids, batch_size=8, verbose=0, return_dict=True
     )
     t, s = teacher.predict(ids, verbose=0), student.predict(ids, verbose=0)
-    distill = kl_per_row(t, s)[padding].mean()
-    hard = ce_per_row(ids, s)[padding].mean()
+    distill = kl64(t, s)[padding].mean()
+    hard = sparse_ce64(ids, s)[padding].mean()
     np.testing.assert_allclose(logs["distillation_loss"], distill, atol=1e-5)
     np.testing.assert_allclose(logs["student_loss"], hard, atol=1e-5)
 
@@ -254,7 +253,7 @@ def test_dict_inputs_and_sequence_outputs_with_padding_mask():
     )
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
     assert s.shape == (8, LENGTH, VOCAB)
-    distill = np.sum(weights * kl_per_row(t, s, 2.0)) / weights.size
+    distill = np.sum(weights * kl64(t, s, 2.0)) / weights.size
     np.testing.assert_allclose(
         history.history["distillation_loss"][0], distill, atol=1e-5
     )
@@ -284,7 +283,7 @@ def test_dict_outputs_sum_the_distillation_terms():
         x, {"a": y, "b": y % 3}, batch_size=16, verbose=0, return_dict=True
     )
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
-    distill = sum(kl_per_row(t[k], s[k], 2.0).mean() for k in "ab")
+    distill = sum(kl64(t[k], s[k], 2.0).mean() for k in "ab")
     np.testing.assert_allclose(logs["distillation_loss"], distill, atol=1e-5)
 
 

@@ -4,12 +4,12 @@ inputs, sample weights with masks and without labels, checked arguments."""
 import keras
 import numpy as np
 import pytest
+from _cases import kl64
 from _distiller_models import (
     CLASSES,
     FEATURES,
     assert_weights_equal,
     data,
-    kl_per_row,
     mlp,
     pair,
     sparse_ce,
@@ -199,7 +199,7 @@ def test_masked_outputs_with_sample_weight_give_each_loss_its_own_weights():
     )
     np.testing.assert_allclose(logs["student_loss"], expected, rtol=1e-5)
     # The distillation term: mean over real tokens of w * KL.
-    kl = kl_per_row(
+    kl = kl64(
         teacher.predict(tokens, verbose=0), student.predict(tokens, verbose=0)
     )
     real = tokens > 0
@@ -216,9 +216,7 @@ def test_sample_weight_without_labels_weights_the_distillation():
     teacher, student = pair()
     x, _ = data(16)
     w = np.linspace(0.0, 2.0, 16).astype("float32")
-    kl = kl_per_row(
-        teacher.predict(x, verbose=0), student.predict(x, verbose=0)
-    )
+    kl = kl64(teacher.predict(x, verbose=0), student.predict(x, verbose=0))
     expected = float((w * kl).sum() / len(x))
     distiller = keras_kd.Distiller(student, teacher)
     distiller.compile(keras.optimizers.SGD(0.0))
@@ -263,7 +261,7 @@ def test_single_output_teacher_for_a_two_output_student():
     distiller.compile(keras.optimizers.SGD(0.0))
     logs = distiller.fit(x, batch_size=16, verbose=0).history
     head = student.predict(x, verbose=0)[0]
-    expected = kl_per_row(teacher.predict(x, verbose=0), head).mean()
+    expected = kl64(teacher.predict(x, verbose=0), head).mean()
     np.testing.assert_allclose(
         logs["distillation_loss"][0], expected, rtol=1e-5
     )
@@ -289,7 +287,7 @@ def test_each_model_receives_its_own_inputs_by_name():
     np.testing.assert_allclose(
         distiller.predict(x, verbose=0), student_out, rtol=1e-6
     )
-    expected = kl_per_row(teacher.predict(x, verbose=0), student_out).mean()
+    expected = kl64(teacher.predict(x, verbose=0), student_out).mean()
     np.testing.assert_allclose(
         logs["distillation_loss"][0], expected, rtol=1e-5
     )

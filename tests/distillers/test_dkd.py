@@ -4,20 +4,20 @@ reverse KL / generalized JSD as distillation losses of a Distiller."""
 import keras
 import numpy as np
 import pytest
-from _distiller_models import data, kl_per_row, log_softmax, pair, sparse_ce
+from _cases import kl64, log_softmax64
+from _cases_keras import np_
+from _distiller_models import data, pair, sparse_ce
 from scipy.special import logsumexp
 
 import keras_kd
 from keras_kd import losses
 from keras_kd import ops as kd
 
-to_numpy = keras.ops.convert_to_numpy
-
 # ------------------------------------------------------ float64 reference
 
 
 def _binary64(logits, labels, temperature):
-    log_p = log_softmax(np.asarray(logits, "f8") / temperature)
+    log_p = log_softmax64(np.asarray(logits, "f8") / temperature)
     rows = np.arange(len(labels))
     log_target = log_p[rows, labels]
     others = log_p.copy()
@@ -68,9 +68,9 @@ def test_dkd_matches_float64_reference(scale, temperature):
     t[0] = -scale
     t[0, labels[0]] = scale
     tckd, nckd, dkd = dkd64(t, s, labels, 1.0, 8.0, temperature)
-    got_t = to_numpy(kd.target_class_kd(t, s, labels, temperature))
-    got_n = to_numpy(kd.non_target_class_kd(t, s, labels, temperature))
-    got = to_numpy(kd.decoupled_kd(t, s, labels, 1.0, 8.0, temperature))
+    got_t = np_(kd.target_class_kd(t, s, labels, temperature))
+    got_n = np_(kd.non_target_class_kd(t, s, labels, temperature))
+    got = np_(kd.decoupled_kd(t, s, labels, 1.0, 8.0, temperature))
     for value, ref in [(got_t, tckd), (got_n, nckd), (got, dkd)]:
         assert np.all(np.isfinite(value))
         np.testing.assert_allclose(value, ref, rtol=2e-5, atol=1e-6)
@@ -79,10 +79,10 @@ def test_dkd_matches_float64_reference(scale, temperature):
 def test_classic_kd_is_tckd_plus_weighted_nckd():
     # KL = TCKD + (1 - p_target_teacher) * NCKD (Zhao et al., eq. 1-5).
     t, s, labels = _logits(3.0, seed=1)
-    kl = kl_per_row(t, s, 2.0)
-    tckd = to_numpy(kd.target_class_kd(t, s, labels, 2.0))
-    nckd = to_numpy(kd.non_target_class_kd(t, s, labels, 2.0))
-    p_target = np.exp(log_softmax(t / 2.0))[np.arange(len(labels)), labels]
+    kl = kl64(t, s, 2.0)
+    tckd = np_(kd.target_class_kd(t, s, labels, 2.0))
+    nckd = np_(kd.non_target_class_kd(t, s, labels, 2.0))
+    p_target = np.exp(log_softmax64(t / 2.0))[np.arange(len(labels)), labels]
     np.testing.assert_allclose(tckd + (1 - p_target) * nckd, kl, atol=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_gradient_finite_for_confident_logits():
     s[0] = 0.0
     s[0, (labels[0] + 1) % 5] = 1e4  # confidently wrong student
     loss = losses.DecoupledKD(temperature=1.0)
-    grad = to_numpy(_student_gradient(lambda v: loss((t, labels), v), s))
+    grad = np_(_student_gradient(lambda v: loss((t, labels), v), s))
     assert np.all(np.isfinite(grad))
     # the wrong class is pushed down, the target up, with a full-size step
     assert grad[0, (labels[0] + 1) % 5] > 0.1
@@ -124,8 +124,8 @@ def test_one_hot_labels_equal_indices():
     one_hot = np.eye(5, dtype="float32")[labels]
     loss = losses.DecoupledKD(beta=2.0, temperature=2.0)
     np.testing.assert_allclose(
-        to_numpy(loss((t, one_hot), s)),
-        to_numpy(loss((t, labels), s)),
+        np_(loss((t, one_hot), s)),
+        np_(loss((t, labels), s)),
         rtol=1e-6,
     )
 
@@ -153,7 +153,7 @@ def test_serialize_round_trip_and_step():
     restored.step = 1
     full = losses.DecoupledKD(alpha=0.5, beta=4.0)((t, labels), s)
     np.testing.assert_allclose(
-        to_numpy(restored((t, labels), s)), to_numpy(full) / 4, rtol=1e-6
+        np_(restored((t, labels), s)), np_(full) / 4, rtol=1e-6
     )
 
 
@@ -175,9 +175,9 @@ def test_dkd_distiller_logs_reference_and_warms_up():
     ref = dkd64(t, s, y, 1.0, 8.0, 4.0)[2].mean()
     logged = history.history["distillation_loss"]
     np.testing.assert_allclose(logged, [ref / 2, ref, ref], rtol=1e-5)
-    assert int(to_numpy(distiller.step)) == 3
+    assert int(np_(distiller.step)) == 3
     distiller.evaluate(x, y, verbose=0)
-    assert int(to_numpy(distiller.step)) == 3
+    assert int(np_(distiller.step)) == 3
 
 
 def test_plain_distiller_rejects_dkd():
@@ -210,7 +210,7 @@ def test_divergences_as_distillation_loss(loss):
     )
     logged = distiller.fit(x, y, batch_size=16, verbose=0).history
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
-    log_p, log_q = log_softmax(t / 2.0), log_softmax(s / 2.0)
+    log_p, log_q = log_softmax64(t / 2.0), log_softmax64(s / 2.0)
     if isinstance(loss, losses.ReverseKLDivergence):
         rows = _kl_rows64(log_q, log_p)
     else:
@@ -235,7 +235,7 @@ def test_saved_distiller_resumes_the_warmup_count(tmp_path):
     distiller.save(path)
     loaded = keras.models.load_model(path)
     assert type(loaded) is keras_kd.DKDDistiller
-    assert int(to_numpy(loaded.step)) == 2
+    assert int(np_(loaded.step)) == 2
     assert loaded.distillation_loss.step is loaded.step
     loaded.fit(x, y, batch_size=8, verbose=0)
-    assert int(to_numpy(loaded.step)) == 4
+    assert int(np_(loaded.step)) == 4

@@ -4,14 +4,14 @@ step, BatchNorm updated once, projections trained but not exported."""
 import keras
 import numpy as np
 import pytest
-from _distiller_models import data, kl_per_row, sparse_ce, weights_of
+from _cases import kl64
+from _cases_keras import np_
+from _distiller_models import data, sparse_ce, weights_of
 from keras import layers
 
 import keras_kd
 from keras_kd import losses
 from keras_kd import ops as kd
-
-to_numpy = keras.ops.convert_to_numpy
 
 
 def mlp(hidden, name, batch_norm=False, dropout=0.0, extra=None):
@@ -62,18 +62,18 @@ def test_feature_losses_match_numpy(rng):
     cosine = np.mean(1 - np.sum(unit64(t64) * unit64(s64), -1), axis=(1, 2))
     at = np.sum((attention64(s64) - attention64(t64)) ** 2, axis=-1)
     np.testing.assert_allclose(
-        to_numpy(kd.feature_mean_squared_error(t, s)), mse, rtol=1e-5
+        np_(kd.feature_mean_squared_error(t, s)), mse, rtol=1e-5
     )
     np.testing.assert_allclose(
-        to_numpy(kd.feature_cosine_distance(t, s)), cosine, rtol=1e-5
+        np_(kd.feature_cosine_distance(t, s)), cosine, rtol=1e-5
     )
     np.testing.assert_allclose(
-        to_numpy(kd.attention_transfer(t, s)), at, rtol=1e-4, atol=1e-7
+        np_(kd.attention_transfer(t, s)), at, rtol=1e-4, atol=1e-7
     )
     # teacher and student may differ in channels for attention transfer
     wide = np.concatenate([t, t], axis=-1)
     np.testing.assert_allclose(
-        to_numpy(kd.attention_transfer(wide, s)), at, rtol=1e-4, atol=1e-7
+        np_(kd.attention_transfer(wide, s)), at, rtol=1e-4, atol=1e-7
     )
 
 
@@ -81,10 +81,10 @@ def test_scale_free_losses_survive_huge_activations(rng):
     t = rng.normal(size=(2, 3, 3, 4)).astype("float32")
     s = rng.normal(size=(2, 3, 3, 4)).astype("float32")
     for fn in (kd.attention_transfer, kd.feature_cosine_distance):
-        small = to_numpy(fn(t, s))
-        huge = to_numpy(fn(t * 1e25, s * 1e-25))
+        small = np_(fn(t, s))
+        huge = np_(fn(t * 1e25, s * 1e-25))
         np.testing.assert_allclose(huge, small, rtol=1e-5)
-    zero = to_numpy(kd.attention_transfer(np.zeros_like(t), s))
+    zero = np_(kd.attention_transfer(np.zeros_like(t), s))
     np.testing.assert_allclose(zero, 1.0, rtol=1e-6)
 
 
@@ -129,7 +129,7 @@ def test_logged_terms_match_reference_with_projection():
     target = intermediate(teacher, "teacher_hidden", x)
     feature = 0.5 * np.mean((hint - target) ** 2)
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
-    distill = kl_per_row(t, s, 2.0).mean() + feature
+    distill = kl64(t, s, 2.0).mean() + feature
     np.testing.assert_allclose(logs["feature_loss"][0], feature, rtol=1e-5)
     np.testing.assert_allclose(logs["distillation_loss"][0], distill, rtol=1e-5)
     assert set(logs) == {
@@ -211,8 +211,8 @@ def test_batch_norm_statistics_updated_once_per_step():
     )
     distiller.compile("sgd", loss=sparse_ce())
     distiller.train_on_batch(x, y)
-    mean = to_numpy(student.get_layer("student_bn").moving_mean)
-    expected = to_numpy(plain.get_layer("plain_bn").moving_mean)
+    mean = np_(student.get_layer("student_bn").moving_mean)
+    expected = np_(plain.get_layer("plain_bn").moving_mean)
     np.testing.assert_allclose(mean, expected, rtol=1e-6, atol=1e-7)
     assert np.abs(expected).max() > 1e-3  # one update moved the statistics
 

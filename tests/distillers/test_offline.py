@@ -4,21 +4,14 @@ and memory-mapped) give the online Distiller's loss without a teacher."""
 import keras
 import numpy as np
 import pytest
-from _distiller_models import (
-    data,
-    kl_per_row,
-    log_softmax,
-    mlp,
-    pair,
-    sparse_ce,
-)
+from _cases import kl64, log_softmax64
+from _cases_keras import np_
+from _distiller_models import data, mlp, pair, sparse_ce
 
 import keras_kd
 from keras_kd import losses
 from keras_kd.distillers.offline import dense_from_top_k
 from keras_kd.distillers.teacher_cache import top_k_numpy
-
-to_numpy = keras.ops.convert_to_numpy
 
 
 def _logs(distiller, x, y, **compile_kwargs):
@@ -105,8 +98,8 @@ def test_no_teacher_weights_and_plain_predict():
 
 def renormalized_kl64(t, s, k, temperature):
     """KL from the teacher's top-k classes, renormalized, per row."""
-    log_p = log_softmax(t / temperature)
-    log_q = log_softmax(s / temperature)
+    log_p = log_softmax64(t / temperature)
+    log_q = log_softmax64(s / temperature)
     top = np.argsort(-t, axis=-1)[:, :k]
     log_p_k = np.take_along_axis(log_p, top, -1)
     log_q_k = np.take_along_axis(log_q, top, -1)
@@ -122,13 +115,13 @@ def test_top_k_keeps_and_renormalizes_the_top_classes(rng):
     values, indices = top_k_numpy(t, 4)
     assert np.all(np.diff(values, axis=-1) <= 0)
     np.testing.assert_array_equal(np.sort(t, -1)[:, ::-1][:, :4], values)
-    dense = to_numpy(dense_from_top_k(values, indices, 12))
+    dense = np_(dense_from_top_k(values, indices, 12))
     assert np.sum(np.isfinite(dense)) == 5 * 4
     np.testing.assert_array_equal(
         np.take_along_axis(dense, indices, -1), values
     )
     np.testing.assert_allclose(
-        to_numpy(loss(dense, s)), renormalized_kl64(t, s, 4, 2.0), rtol=2e-5
+        np_(loss(dense, s)), renormalized_kl64(t, s, 4, 2.0), rtol=2e-5
     )
 
 
@@ -136,13 +129,13 @@ def test_top_k_error_vanishes_at_vocabulary_size(rng):
     classes = 16
     t = rng.normal(size=(8, classes)).astype("float32") * 2
     s = rng.normal(size=(8, classes)).astype("float32") * 2
-    exact = kl_per_row(t, s, 2.0).mean()
+    exact = kl64(t, s, 2.0).mean()
     loss = losses.KLDivergence(temperature=2.0)
     errors = []
     for k in (1, 8, 15, classes):
         values, indices = top_k_numpy(t, k)
         dense = dense_from_top_k(values, indices, classes)
-        errors.append(abs(float(to_numpy(loss(dense, s))) - exact))
+        errors.append(abs(float(np_(loss(dense, s))) - exact))
     assert errors[0] > 0.05  # the truncation is a real error ...
     assert errors[-1] < 1e-6  # ... that is gone at k = vocabulary size
     assert errors[-2] < errors[0] / 10
@@ -151,7 +144,7 @@ def test_top_k_error_vanishes_at_vocabulary_size(rng):
 def test_dense_from_top_k_on_sequences(rng):
     t = rng.normal(size=(2, 3, 10)).astype("float32")
     values, indices = top_k_numpy(t, 10)
-    dense = to_numpy(dense_from_top_k(values, indices, 10))
+    dense = np_(dense_from_top_k(values, indices, 10))
     np.testing.assert_allclose(dense, t)
 
 

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from _cases_keras import np_
 from keras import layers
 
 import keras_kd
@@ -39,14 +39,14 @@ def masked_reference(logits, real):
 
 
 def dense(layer, x):
-    kernel, bias = (to_numpy(w).astype("float64") for w in layer.weights)
+    kernel, bias = (np_(w).astype("float64") for w in layer.weights)
     return x.astype("float64") @ kernel + bias
 
 
 def test_rotary_embedding_matches_the_complex_rotation():
     x = np.random.default_rng(0).normal(size=(2, 7, 3, 8)).astype("float32")
     np.testing.assert_allclose(
-        to_numpy(rotary_embedding(x)), rope_reference(x), atol=1e-5
+        np_(rotary_embedding(x)), rope_reference(x), atol=1e-5
     )
 
 
@@ -56,8 +56,8 @@ def test_rotary_scores_depend_on_relative_position_only():
     k = np.tile(rng.normal(size=(1, 1, 16)), (1, 9, 1)).astype("float32")
     scores = np.einsum(
         "bmd,bnd->bmn",
-        to_numpy(rotary_embedding(q)),
-        to_numpy(rotary_embedding(k)),
+        np_(rotary_embedding(q)),
+        np_(rotary_embedding(k)),
     )[0]
     for offset in range(-8, 9):
         diagonal = np.diagonal(scores, offset)
@@ -70,10 +70,10 @@ def test_global_pointer_matches_reference_with_keras_mask():
     embedding = layers.Embedding(10, 6, mask_zero=True)
     head = GlobalPointer(heads=3, head_size=4)
     model = keras.Model(tokens, head(embedding(tokens)))
-    logits = to_numpy(model(IDS))
+    logits = np_(model(IDS))
     assert logits.shape == (3, 3, 6, 6)
 
-    h = to_numpy(embedding(IDS))
+    h = np_(embedding(IDS))
     projected = dense(head.projection, h).reshape(3, 6, 3, 8)
     q, k = (
         rope_reference(projected[..., :4]),
@@ -90,7 +90,7 @@ def test_global_pointer_matches_reference_with_keras_mask():
 def test_efficient_global_pointer_matches_reference():
     head = EfficientGlobalPointer(heads=2, head_size=4)
     h = np.random.default_rng(2).normal(size=(3, 6, 5)).astype("float32")
-    logits = to_numpy(head(h, mask=IDS > 0))
+    logits = np_(head(h, mask=IDS > 0))
     assert logits.shape == (3, 2, 6, 6)
 
     projected = dense(head.projection, h)
@@ -119,9 +119,9 @@ def test_explicit_mask_input_equals_keras_mask(cls):
     padding = keras.Input((None,), dtype="bool")
     from_input = keras.Model([features, padding], head(features, mask=padding))
 
-    h = to_numpy(embedding(IDS))
-    a = to_numpy(from_keras_mask(IDS))
-    b = to_numpy(from_input([h, IDS > 0]))
+    h = np_(embedding(IDS))
+    a = np_(from_keras_mask(IDS))
+    b = np_(from_input([h, IDS > 0]))
     np.testing.assert_array_equal(a, b)
     # The mask is spent on -inf entries: none is passed on.
     assert getattr(from_keras_mask.outputs[0], "_keras_mask", None) is None
@@ -131,10 +131,10 @@ def test_explicit_mask_input_equals_keras_mask(cls):
 
 def test_lower_triangle_kept_on_request():
     head = GlobalPointer(heads=1, head_size=4, mask_lower_triangle=False)
-    logits = to_numpy(head(np.ones((1, 4, 3), "float32")))
+    logits = np_(head(np.ones((1, 4, 3), "float32")))
     assert np.isfinite(logits).all()
     head = GlobalPointer(heads=1, head_size=4, use_rope=False)
-    logits = to_numpy(head(np.ones((1, 4, 3), "float32")))
+    logits = np_(head(np.ones((1, 4, 3), "float32")))
     assert np.isneginf(logits[0, 0][np.tril_indices(4, -1)]).all()
     assert np.isfinite(logits[0, 0][np.triu_indices(4)]).all()
 
@@ -167,7 +167,7 @@ def test_masked_spans_never_make_loss_or_gradients_nan(cls):
     assert np.isfinite(logs["loss"]) and logs["loss"] > 0
     # A NaN gradient anywhere would have turned some weight into NaN.
     for weight in model.weights:
-        assert np.isfinite(to_numpy(weight)).all(), weight.path
+        assert np.isfinite(np_(weight)).all(), weight.path
 
 
 def test_sparse_and_dense_multilabel_crossentropy_agree():
@@ -181,7 +181,7 @@ def test_sparse_and_dense_multilabel_crossentropy_agree():
     for b, h, start, end in zip(*np.nonzero(labels)):
         slot = np.argmax(indices[b, h] < 0)
         indices[b, h, slot] = start * 6 + end
-    a, b = to_numpy(dense(labels, logits)), to_numpy(sparse(indices, logits))
+    a, b = np_(dense(labels, logits)), np_(sparse(indices, logits))
     assert a.shape == b.shape == (3, 2)
     assert np.isfinite(a).all()
     np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -199,7 +199,7 @@ def test_config_round_trip_and_saving(cls, tmp_path):
     path = str(tmp_path / "span.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(to_numpy(loaded(IDS)), to_numpy(model(IDS)))
+    np.testing.assert_array_equal(np_(loaded(IDS)), np_(model(IDS)))
 
 
 def test_invalid_arguments():

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from _cases import f32, log_softmax64, rdrop64
 from _cases_keras import (
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     close,
     np_,
 )

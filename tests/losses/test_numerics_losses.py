@@ -14,7 +14,6 @@ from _cases import (
     mlce64,
 )
 from _cases_keras import (
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     close,
     engine_path,  # noqa: F401 (each test runs on both paths)
     np_,

@@ -28,12 +28,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_session():
-    # Overrides the conftest fixture: no models here, no gc.collect needed.
-    keras.backend.clear_session(free_memory=False)
-
-
 def test_backends_agree(tmp_path):
     script = Path(_cases.__file__)
     running = {}

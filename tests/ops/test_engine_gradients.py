@@ -20,7 +20,6 @@ from _cases import (
 )
 from _cases_keras import (
     BACKEND,
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     backend_grad,
     np_,
 )

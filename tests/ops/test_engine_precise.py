@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from _cases import f32
 from _cases_keras import (
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     np_,
 )
 

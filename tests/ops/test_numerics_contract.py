@@ -22,7 +22,6 @@ from _cases import (
     symmetric_kl64,
 )
 from _cases_keras import (
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     backend_grad,
     engine_path,  # noqa: F401 (each test runs on both paths)
     np_,

@@ -22,7 +22,6 @@ from _cases import (
 )
 from _cases_keras import (
     BACKEND,
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     close,
     engine_path,  # noqa: F401 (each test runs on both paths)
     np_,

@@ -22,7 +22,6 @@ from _cases import (
 from _cases_keras import (
     ATOL,
     BACKEND,
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     close,
     np_,
 )

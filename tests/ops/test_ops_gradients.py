@@ -14,7 +14,6 @@ from _cases import (
     teacher_zeros_pair,
 )
 from _cases_keras import (
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     backend_grad,
 )
 

@@ -15,7 +15,6 @@ from _cases import (
     sparse_labels,
 )
 from _cases_keras import (
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     backend_grad,
     close,
     np_,
