@@ -24,12 +24,10 @@ import numpy as np
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd import ops as kd_ops
 from keras_kd._model_utils import inputs_for
 from keras_kd.distillers.teacher_cache import allocate
 from keras_kd.lm._keras_hub import check_causal_lm, output_head
-from keras_kd.ops import _fused_linear_loop as loop
-from keras_kd.ops import _fused_linear_math as fm
-from keras_kd.ops._top_k_buckets import tail_log_sum_exp, top_k_mask
 
 LOG_PROBS = "teacher_top_k_log_probs"
 IDS = "teacher_top_k_ids"
@@ -43,60 +41,25 @@ _VERSION = 1
 
 class _TopKHead(keras.layers.Layer):
     """The teacher's output head reduced to `(log_probs, ids, tail)` per
-    token, over `[chunk, vocab]` blocks of logits (`ops.fori_loop`, so a
-    compiled function holds one block at a time)."""
+    token (`keras_kd.ops.fused_linear_top_k`), as a layer of the model
+    `predict_on_batch` runs."""
 
     def __init__(self, head, k, temperature, vocab, **kwargs):
-        # float32 whatever the teacher's policy: the softmax is normalized
-        # over the whole vocabulary.
+        # float32 whatever the teacher's policy (its hidden states are cast
+        # to it): the softmax is normalized over the whole vocabulary.
         super().__init__(dtype="float32", **kwargs)
         self.kernel, self.layout, self.cap = head
         self.k, self.temperature, self.vocab = k, temperature, vocab
-        self.size = loop.default_chunk_size(vocab)
-
-    def _chunk(self, hidden, kernel):
-        z = ops.einsum(loop._EINSUM[self.layout][0], hidden, kernel)
-        x = fm.soft_cap(z, self.cap) / self.temperature
-        lse = ops.logsumexp(x, axis=-1)
-        values, ids = ops.top_k(x, self.k)
-        ids = ops.cast(ids, "int32")
-        # The tail as a log-sum-exp over the other logits: log1p(-sum p)
-        # would lose every digit of a tail below ~1e-7.
-        tail, _, _ = tail_log_sum_exp(x, top_k_mask(ids, self.vocab))
-        return values - ops.expand_dims(lse, -1), ids, tail - lse
 
     def call(self, hidden):
-        cut = slice(0, self.vocab)
-        kernel = ops.cast(self.kernel, "float32")
-        kernel = kernel[:, cut] if self.layout == "hv" else kernel[cut]
-        width, size, k = hidden.shape[-1], self.size, self.k
-        flat = ops.reshape(hidden, (-1, width))
-        n = ops.shape(flat)[0]
-        steps = (n + size - 1) // size
-        flat = ops.pad(flat, [[0, steps * size - n], [0, 0]])
-        rows = steps * size
-
-        def body(step, carry):
-            start = step * size
-            h = ops.slice(flat, [start, 0], [size, width])
-            parts = self._chunk(h, kernel)
-            starts = ([start, 0], [start, 0], [start])
-            return tuple(
-                ops.slice_update(buffer, at, part)
-                for buffer, at, part in zip(carry, starts, parts)
-            )
-
-        carry = (
-            ops.zeros((rows, k)),
-            ops.zeros((rows, k), "int32"),
-            ops.zeros((rows,)),
-        )
-        lp, ids, tail = ops.fori_loop(0, steps, body, carry)
-        lead = ops.shape(hidden)[:-1]
-        return (
-            ops.reshape(lp[:n], lead + (k,)),
-            ops.reshape(ids[:n], lead + (k,)),
-            ops.reshape(tail[:n], lead),
+        return kd_ops.fused_linear_top_k(
+            hidden,
+            self.kernel,
+            self.k,
+            temperature=self.temperature,
+            kernel_layout=self.layout,
+            logit_soft_cap=self.cap,
+            vocabulary_size=self.vocab,
         )
 
 

@@ -95,6 +95,9 @@ from keras_kd.ops._fused_linear import (
     fused_linear_divergence as fused_linear_divergence,
 )
 from keras_kd.ops._fused_top_k import (
+    fused_linear_top_k as fused_linear_top_k,
+)
+from keras_kd.ops._fused_top_k import (
     fused_linear_top_k_distillation_loss as fused_linear_top_k_distillation_loss,  # noqa: E501
 )
 from keras_kd.ops._fused_top_k import (
@@ -128,6 +131,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_distillation_loss",
     "fused_linear_divergence",
+    "fused_linear_top_k",
     "fused_linear_top_k_distillation_loss",
     "fused_linear_top_k_divergence",
     "global_pointer_kl_divergence",

@@ -5,7 +5,8 @@ At a vocabulary of 150,000 the logits of a batch (with their gradient and
 the teacher's logits) are the largest tensors of a training step. These
 functions compute the loss and its gradients chunk by chunk over the
 tokens, one student and one teacher matmul per chunk (the loop:
-`_fused_linear_loop.py`; the per-chunk math: `_fused_linear_math.py`).
+`_chunk_engine.py`, with the `DenseTeacher` of `_chunk_teachers.py`; the
+per-chunk math: `_fused_linear_math.py`).
 
 Conventions shared by the three functions:
 
@@ -42,8 +43,8 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd.ops import _fused_linear_args as args
-from keras_kd.ops import _fused_linear_loop as loop
-from keras_kd.ops._core import validate_temperature
+from keras_kd.ops._chunk_engine import fused_loss
+from keras_kd.ops._chunk_teachers import DenseTeacher
 from keras_kd.ops._gradients import resolve_precise
 
 
@@ -56,14 +57,14 @@ def _call(
     mask,
     divergence,
     beta,
-    temperature,
-    alpha,
-    chunk_size,
-    layouts,
-    caps,
+    options,
+    layout,
+    cap,
     precise=None,
 ):
-    """Checks every argument, then runs the fused loop."""
+    """Checks every argument, then runs the chunk engine. `options` holds
+    the student's options (`args.student_inputs`); `layout` and `cap` are
+    the teacher's."""
     if divergence is not None:
         _checks.choice("divergence", divergence, args.DIVERGENCES)
         beta = _checks.fraction("beta", beta)
@@ -71,59 +72,47 @@ def _call(
             # The interior formula is 0 at both ends; GKD defines the end
             # points as the forward and the reverse KL.
             divergence = "kl" if beta == 0.0 else "reverse_kl"
-    temperature = validate_temperature(temperature)
-    if not isinstance(temperature, float):
-        temperature = args.tensor(temperature)
-    if chunk_size is not None:
-        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
-    hidden = args.tensor(student_hidden)
-    kernel = args.tensor(student_kernel)
-    vocab = args.kernel_vocab("student_kernel", kernel, layouts[0], hidden)
-    teacher, t_kernel = args.tensor(teacher_hidden), args.tensor(teacher_kernel)
-    if divergence is not None:
-        args.same_leading("teacher_hidden", teacher, hidden, extra_dims=1)
-        t_vocab = args.kernel_vocab(
-            "teacher_kernel", t_kernel, layouts[1], teacher
-        )
-        if t_vocab is not None and vocab is not None and t_vocab < vocab:
-            raise args.shape_error(
-                "teacher_kernel",
-                f"at least the student's {vocab} vocabulary entries (extra "
-                "teacher entries, e.g. a padded vocabulary, are ignored)",
-                t_kernel,
-            )
-        # Padded vocabularies: the student's ids are the first `vocab`.
-        if t_vocab != vocab:
-            cut = slice(0, vocab)
-            t_kernel = t_kernel[:, cut] if layouts[1] == "hv" else t_kernel[cut]
-    labels, mask = args.tensor(labels), args.tensor(mask)
-    for name, value in (("labels", labels), ("mask", mask)):
-        if value is not None:
-            args.same_leading(name, value, hidden)
-    cfg = {
-        "divergence": divergence,
-        "beta": beta,
-        "labels": labels is not None,
-        "student_layout": layouts[0],
-        "teacher_layout": layouts[1],
-        "student_cap": args.cap("student_logit_soft_cap", caps[0]),
-        "teacher_cap": args.cap("teacher_logit_soft_cap", caps[1]),
-        "temperature_is_one": isinstance(temperature, float)
-        and temperature == 1.0,
-        "chunk_size": chunk_size or loop.default_chunk_size(vocab),
-        "precise": resolve_precise(precise),
-    }
-    return loop.fused_loss(
-        hidden,
-        kernel,
-        teacher if divergence is not None else None,
-        t_kernel if divergence is not None else None,
-        labels,
-        mask,
-        temperature,
-        alpha,
-        cfg,
+    student, cfg, vocab = args.student_inputs(
+        student_hidden, student_kernel, labels, mask, options
     )
+    if divergence is None:
+        return fused_loss(student, None, cfg)
+    hidden = student["student_hidden"]
+    teacher, t_kernel = args.tensor(teacher_hidden), args.tensor(teacher_kernel)
+    args.same_leading("teacher_hidden", teacher, hidden, extra_dims=1)
+    t_vocab = args.kernel_vocab("teacher_kernel", t_kernel, layout, teacher)
+    if t_vocab is not None and vocab is not None and t_vocab < vocab:
+        raise args.shape_error(
+            "teacher_kernel",
+            f"at least the student's {vocab} vocabulary entries (extra "
+            "teacher entries, e.g. a padded vocabulary, are ignored)",
+            t_kernel,
+        )
+    # Padded vocabularies: the student's ids are the first `vocab`.
+    if t_vocab != vocab:
+        cut = slice(0, vocab)
+        t_kernel = t_kernel[:, cut] if layout == "hv" else t_kernel[cut]
+    dense = DenseTeacher(
+        teacher,
+        t_kernel,
+        layout,
+        args.cap("teacher_logit_soft_cap", cap),
+        divergence,
+        beta,
+        resolve_precise(precise),
+    )
+    return fused_loss(student, dense, cfg)
+
+
+def _options(temperature, alpha, chunk_size, layout, cap):
+    """The student's options of `args.student_inputs`."""
+    return {
+        "temperature": temperature,
+        "alpha": alpha,
+        "chunk_size": chunk_size,
+        "student_kernel_layout": layout,
+        "student_logit_soft_cap": cap,
+    }
 
 
 def fused_linear_divergence(
@@ -221,11 +210,15 @@ def fused_linear_divergence(
         mask,
         divergence,
         beta,
-        temperature,
-        0.0,
-        chunk_size,
-        (student_kernel_layout, teacher_kernel_layout),
-        (student_logit_soft_cap, teacher_logit_soft_cap),
+        _options(
+            temperature,
+            0.0,
+            chunk_size,
+            student_kernel_layout,
+            student_logit_soft_cap,
+        ),
+        teacher_kernel_layout,
+        teacher_logit_soft_cap,
         precise,
     )
     return out[0]
@@ -280,11 +273,11 @@ def fused_linear_cross_entropy(
         mask,
         None,
         None,
-        1.0,
-        1.0,
-        chunk_size,
-        (student_kernel_layout, "hv"),
-        (student_logit_soft_cap, None),
+        _options(
+            1.0, 1.0, chunk_size, student_kernel_layout, student_logit_soft_cap
+        ),
+        "hv",
+        None,
     )
     return out[0]
 
@@ -321,8 +314,10 @@ def fused_linear_distillation_loss(
 
     Args:
         student_hidden, student_kernel, teacher_hidden, teacher_kernel,
-            mask, divergence, beta, temperature, chunk_size, the layouts,
-            soft caps and `precise`: as in `fused_linear_divergence`.
+            mask, divergence, beta, temperature, chunk_size,
+            student_kernel_layout, teacher_kernel_layout,
+            student_logit_soft_cap, teacher_logit_soft_cap, precise: as in
+            `fused_linear_divergence`.
         labels: integer next-token ids `[...]`, as in
             `fused_linear_cross_entropy`.
         alpha: weight of the cross-entropy in `[0, 1]` (a number or a
@@ -349,11 +344,15 @@ def fused_linear_distillation_loss(
         mask,
         divergence,
         beta,
-        temperature,
-        args.weight("alpha", alpha),
-        chunk_size,
-        (student_kernel_layout, teacher_kernel_layout),
-        (student_logit_soft_cap, teacher_logit_soft_cap),
+        _options(
+            temperature,
+            args.weight("alpha", alpha),
+            chunk_size,
+            student_kernel_layout,
+            student_logit_soft_cap,
+        ),
+        teacher_kernel_layout,
+        teacher_logit_soft_cap,
         precise,
     )
     if not return_components:

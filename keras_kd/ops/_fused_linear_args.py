@@ -1,12 +1,14 @@
 """Argument checks shared by the fused linear losses (`_fused_linear.py`)
 and their top-k offline variant (`_fused_top_k.py`): tensors, kernel
-layouts and shapes, soft caps and weights, each failing with a
-`ValueError` that names the argument."""
+layouts and shapes, soft caps and weights, and the student's side of
+every loss, each failing with a `ValueError` that names the argument."""
 
 import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.ops._chunk_engine import default_chunk_size
+from keras_kd.ops._core import validate_temperature
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 LAYOUTS = ("hv", "vh")
@@ -66,3 +68,50 @@ def weight(name, value):
     if isinstance(value, keras.Variable) or ops.is_tensor(value):
         return tensor(value)
     return _checks.fraction(name, value)
+
+
+def student_inputs(hidden, kernel, labels, mask, options):
+    """Checks the student's side of a fused loss.
+
+    Args:
+        hidden, kernel, labels, mask: as given (`labels` and `mask` may be
+            `None`).
+        options: `temperature`, `alpha` (already checked), `chunk_size`,
+            `student_kernel_layout` and `student_logit_soft_cap`.
+
+    Returns:
+        `(student, cfg, vocab)`: the inputs and the static options of
+        `_chunk_engine.fused_loss`, and the student's vocabulary size.
+    """
+    temperature = validate_temperature(options["temperature"])
+    if not isinstance(temperature, float):
+        temperature = tensor(temperature)
+    chunk_size = options["chunk_size"]
+    if chunk_size is not None:
+        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
+    layout = options["student_kernel_layout"]
+    hidden, kernel = tensor(hidden), tensor(kernel)
+    vocab = kernel_vocab("student_kernel", kernel, layout, hidden)
+    labels, mask = tensor(labels), tensor(mask)
+    for name, value in (("labels", labels), ("mask", mask)):
+        if value is not None:
+            same_leading(name, value, hidden)
+    cfg = {
+        "labels": labels is not None,
+        "student_layout": layout,
+        "student_cap": cap(
+            "student_logit_soft_cap", options["student_logit_soft_cap"]
+        ),
+        "temperature_is_one": isinstance(temperature, float)
+        and temperature == 1.0,
+        "chunk_size": chunk_size or default_chunk_size(vocab),
+    }
+    student = {
+        "student_hidden": hidden,
+        "student_kernel": kernel,
+        "labels": labels,
+        "mask": mask,
+        "temperature": temperature,
+        "alpha": options["alpha"],
+    }
+    return student, cfg, vocab

@@ -2,7 +2,7 @@
 
 Everything here works on one chunk of logits `[chunk, vocab]` and returns
 per-token values and the gradient with respect to the student's logits;
-`_fused_linear_loop.py` loops over the chunks. Nothing here is
+`_chunk_engine.py` loops over the chunks. Nothing here is
 differentiated by the backend: the gradients are written out, so a `where`
 whose unused branch overflows is harmless.
 
@@ -29,35 +29,11 @@ import math
 import keras
 from keras import ops
 
-# Below this |argument| the series is used; above it the closed forms lose
-# at most ~12 ulp to cancellation.
-_SERIES_BELOW = 0.5
-# 1/k! for k = 2..9 (float32) and 2..15 (float64): the first term left out
-# is below 2e-9 (float32) and 6e-18 (float64) relative at |x| = 0.5.
-_PSI_COEFFICIENTS = {
-    "float32": [1.0 / math.factorial(k) for k in range(2, 10)],
-    "float64": [1.0 / math.factorial(k) for k in range(2, 16)],
-}
+from keras_kd.ops._core import _constant
+from keras_kd.ops._log_ratio import SERIES_BELOW, series
+
 # exp() of anything above this overflows (float32 ~88.7, float64 ~709.8).
 _EXP_LIMIT = {"float32": 80.0, "float64": 700.0}
-
-
-def _dtype(x):
-    return keras.backend.standardize_dtype(x.dtype)
-
-
-def _const(value, dtype):
-    # A Python float given to `where`/`minimum` becomes float32 on torch.
-    return ops.convert_to_tensor(value, dtype=dtype)
-
-
-def _psi(x):
-    """`exp(x) - 1 - x` by its power series: exact for `|x| <= 0.5`."""
-    coefficients = _PSI_COEFFICIENTS[_dtype(x)]
-    series = coefficients[-1]
-    for c in reversed(coefficients[:-1]):
-        series = series * x + c
-    return series * x * x
 
 
 def _half_shift(z):
@@ -111,7 +87,7 @@ def divergence_terms(student, zt, scale, divergence, beta):
         without the `T**2` factor, `grad` its gradient with respect to `a`.
     """
     a_half, sa, q = student
-    dtype = _dtype(q)
+    dtype = keras.backend.standardize_dtype(q.dtype)
     limit = _EXP_LIMIT[dtype]
     b_half = _half_shift(zt)
     eb, sb, p = _softmax_parts(b_half, scale)
@@ -129,9 +105,9 @@ def divergence_terms(student, zt, scale, divergence, beta):
     log_ratio = ops.log(sb) - ops.log(sa)
     # Q exp(w) = exp(b) exp(-m) / sa: no overflow where exp(w) would. Rows
     # where -m is large have R > 1 and take `reverse_std` instead.
-    q_exp_w = eb * (ops.exp(ops.minimum(-m, _const(limit, dtype))) / sa)
-    small_w = ops.abs(w) < _SERIES_BELOW
-    psi_w = ops.where(small_w, q * _psi(w), q_exp_w - q - q * w)
+    q_exp_w = eb * (ops.exp(ops.minimum(-m, _constant(limit, dtype))) / sa)
+    small_w = ops.abs(w) < SERIES_BELOW
+    psi_w = ops.where(small_w, q * series(w, "psi"), q_exp_w - q - q * w)
     reverse_near = ops.log1p(ops.sum(psi_w, axis=-1, keepdims=True))
     # Far from the teacher (R > 1) the plain differences have no
     # cancellation, and the sum above may have overflowed.
@@ -146,9 +122,9 @@ def divergence_terms(student, zt, scale, divergence, beta):
     # Row-wise choices: a [chunk, vocab] `where` is slow on torch.
     zero = ops.zeros_like(m)
     u = (d - ops.where(far, log_ratio, m)) - ops.where(far, zero, reverse_near)
-    small_u = ops.abs(u) < _SERIES_BELOW
+    small_u = ops.abs(u) < SERIES_BELOW
     if divergence == "kl":
-        psi_u = _psi(u)
+        psi_u = series(u, "psi")
         # P - Q = Q expm1(u), with expm1(u) = u + psi(u) near 0.
         p_minus_q = ops.where(small_u, q * (u + psi_u), p - q)
         # Q phi(u) = Q (u expm1(u) - psi(u)) near 0, Q - P + u P elsewhere.
@@ -175,7 +151,7 @@ def fast_divergence_terms(student, zt, scale, divergence, beta):
     log_sa, log_sb = ops.log(sa), ops.log(sb)
     # log P - log Q, the halves subtracted first (cannot overflow).
     u = (b_half - a_half) * scale - (log_sb - log_sa)
-    zero = _const(0.0, _dtype(q))
+    zero = _constant(0.0, q.dtype)
     if divergence == "kl":
         value = ops.sum(p * u, axis=-1)
         return ops.maximum(value, zero), q - p
@@ -185,9 +161,9 @@ def fast_divergence_terms(student, zt, scale, divergence, beta):
         return ops.maximum(ops.squeeze(value, -1), zero), grad
     # log(M / Q) = log((1 - beta) + beta exp(u)), as a logaddexp of two
     # finite terms: P and Q may both underflow to 0 where M's log cannot.
-    dtype = _dtype(q)
-    log_beta = _const(math.log(beta), dtype)
-    log_rest = _const(math.log1p(-beta), dtype)
+    dtype = keras.backend.standardize_dtype(q.dtype)
+    log_beta = _constant(math.log(beta), dtype)
+    log_rest = _constant(math.log1p(-beta), dtype)
     l_ = ops.logaddexp(u + log_beta, ops.zeros_like(u) + log_rest)
     # JSD = beta E_P[u - l] + (1 - beta) E_Q[-l].
     value = beta * ops.sum(p * (u - l_), axis=-1) - (1.0 - beta) * ops.sum(
@@ -208,8 +184,8 @@ def _jsd_terms(u, p, q, beta, limit):
     d JSD / d a = (1 - beta) Q (E_Q[l] - l)
     ```
     """
-    dtype = _dtype(u)
-    cap = _const(limit, dtype)
+    dtype = keras.backend.standardize_dtype(u.dtype)
+    cap = _constant(limit, dtype)
     # log1p of a small multiple of expm1: exact near u = 0; the asymptotes
     # beyond the exp limit are exact to float rounding.
     l_near = ops.log1p(beta * ops.expm1(ops.minimum(u, cap)))
@@ -217,15 +193,15 @@ def _jsd_terms(u, p, q, beta, limit):
     x_near = -ops.log1p((1.0 - beta) * ops.expm1(ops.minimum(-u, cap)))
     x = ops.where(-u > cap, u - math.log1p(-beta), x_near)
     mix = beta * p + (1.0 - beta) * q
-    psi_x, psi_l = _psi(x), _psi(l_)
+    psi_x, psi_l = series(x, "psi"), series(l_, "psi")
     # M phi(x) = M + (x - 1) P; Q psi(l) = M - Q - Q l.
     to_mix = ops.where(
-        ops.abs(x) < _SERIES_BELOW,
+        ops.abs(x) < SERIES_BELOW,
         mix * (x * (x + psi_x) - psi_x),
         mix - p + x * p,
     )
     from_mix = ops.where(
-        ops.abs(l_) < _SERIES_BELOW, q * psi_l, mix - q - q * l_
+        ops.abs(l_) < SERIES_BELOW, q * psi_l, mix - q - q * l_
     )
     value = beta * ops.sum(to_mix, axis=-1) + (1.0 - beta) * ops.sum(
         from_mix, axis=-1
@@ -260,6 +236,6 @@ def cross_entropy_terms(half, labels, at_one=None):
     safe = ops.expand_dims(ops.where(valid, labels, 0), -1)
     picked = ops.squeeze(ops.take_along_axis(half, safe, axis=-1), -1)
     value = ops.squeeze(ops.log(total), -1) - picked * 2.0
-    value = ops.where(valid, value, _const(math.nan, half.dtype))
+    value = ops.where(valid, value, _constant(math.nan, half.dtype))
     hit = safe == ops.arange(vocab, dtype="int32")
     return value, q - ops.cast(hit, half.dtype), valid

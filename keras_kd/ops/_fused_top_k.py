@@ -1,77 +1,36 @@
 """Distillation from a cached top-k teacher, from the student's hidden
-states: the student's `[tokens, vocab]` logits are never built.
+states: the student's `[tokens, vocab]` logits are never built; and the
+cache's side, a linear head's top-k buckets without its logits.
 
 The teacher is given per token by its `k` largest log-probabilities, their
 ids, and the log of its remaining mass (one tail bucket), as
-`keras_kd.cache_causal_lm_top_k` stores them. The loss is the exact KL
-between the teacher's `k + 1` buckets and the student's distribution over
-the same buckets (per-chunk math: `_top_k_buckets.py`). Chunks, layouts,
-masks, dtypes and gradients follow `fused_linear_divergence`; the chunk
-loop is the same (`_fused_linear_loop.py`).
+`fused_linear_top_k` computes them and `keras_kd.cache_causal_lm_top_k`
+stores them. The loss is the exact KL between the teacher's `k + 1`
+buckets and the student's distribution over the same buckets (per-chunk
+math: `_top_k_buckets.py`). Chunks, layouts, masks, dtypes and gradients
+are `fused_linear_divergence`'s: both run the one chunk engine
+(`_chunk_engine.py`), the teacher given by a `TopKTeacher`
+(`_chunk_teachers.py`).
 """
-
-import math
 
 import keras
 from keras import ops
 
 from keras_kd import _checks
 from keras_kd.ops import _fused_linear_args as args
-from keras_kd.ops import _fused_linear_loop as loop
-from keras_kd.ops._core import validate_temperature
-from keras_kd.ops._top_k_buckets import TopKChunk
-
-# A cached temperature is float32; one given as a Python float may differ
-# from it by rounding.
-_TEMPERATURE_RTOL = 1e-6
-
-
-def _fused_top_k_loss(inputs, cfg):
-    """`[total, cross_entropy, divergence]` with the custom gradient; as
-    `_fused_linear_loop.fused_loss`, over the cached teacher's arrays."""
-    names = [k for k, v in inputs.items() if ops.is_tensor(v)]
-    dtype = loop._compute_dtype(
-        [inputs["student_hidden"], inputs["student_kernel"]]
-    )
-
-    def compute(tensors, gradients):
-        given = dict(inputs, **dict(zip(names, tensors)))
-        hidden = given["student_hidden"]
-        width = hidden.shape[-1]
-        flat = ops.cast(ops.reshape(hidden, (-1, width)), dtype)
-        kernel = ops.cast(given["student_kernel"], dtype)
-        k = given["log_probs"].shape[-1]
-        log_probs = ops.cast(ops.reshape(given["log_probs"], (-1, k)), dtype)
-        ids = ops.cast(ops.reshape(given["ids"], (-1, k)), "int32")
-        tail = ops.cast(ops.reshape(given["tail"], (-1,)), dtype)
-        t, a = given["temperature"], given["alpha"]
-        t = ops.cast(t, dtype) if ops.is_tensor(t) else t
-        a = ops.cast(a, dtype) if ops.is_tensor(a) else a
-        weights, labels = loop.token_weights_and_labels(
-            given["mask"], given["labels"], ops.shape(flat)[0], dtype
-        )
-        chunk = TopKChunk(cfg, kernel, t, a, gradients)
-        d_hidden, d_kernel, sums = loop._run_chunks(
-            chunk,
-            cfg["chunk_size"],
-            (flat, log_probs, ids, tail, weights, labels),
-        )
-        ce, div = sums[0], sums[1] * (t * t)
-        out = ops.stack([a * ce + (1.0 - a) * div, ce, div])
-        cached = given["teacher_temperature"]
-        if cached is None:
-            return out, d_hidden, d_kernel
-        # A cache made at another temperature: NaN and no update (the
-        # teacher's buckets at T cannot be recovered from those at T').
-        cached = ops.cast(cached, dtype)
-        same = ops.all(ops.abs(cached - t) <= _TEMPERATURE_RTOL * ops.abs(t))
-        out = ops.where(same, out, ops.full_like(out, math.nan))
-        keep = ops.cast(same, dtype)
-        if gradients:
-            d_hidden, d_kernel = d_hidden * keep, d_kernel * keep
-        return out, d_hidden, d_kernel
-
-    return loop.with_student_gradients(compute, [inputs[k] for k in names])
+from keras_kd.ops._chunk_engine import (
+    EINSUM,
+    compute_dtype,
+    default_chunk_size,
+    flat_rows,
+    fused_loss,
+    matmul_dtype,
+    run_chunks,
+)
+from keras_kd.ops._chunk_teachers import TEMPERATURE_RTOL, TopKTeacher
+from keras_kd.ops._core import _scale, validate_temperature
+from keras_kd.ops._fused_linear_math import soft_cap
+from keras_kd.ops._top_k_buckets import top_k_buckets
 
 
 def _teacher_temperature(value, temperature):
@@ -82,7 +41,7 @@ def _teacher_temperature(value, temperature):
     number = _checks.as_python_number(value)
     if number is None or not isinstance(temperature, float):
         return args.tensor(value)
-    if not abs(number - temperature) <= _TEMPERATURE_RTOL * temperature:
+    if not abs(number - temperature) <= TEMPERATURE_RTOL * temperature:
         raise _checks.invalid(
             "temperature",
             f"the temperature the teacher was cached at ({number:g}): a "
@@ -94,16 +53,11 @@ def _teacher_temperature(value, temperature):
 
 
 def _call(student_hidden, student_kernel, teacher, labels, mask, options):
-    """Checks every argument, then runs the fused loop."""
-    temperature = validate_temperature(options["temperature"])
-    if not isinstance(temperature, float):
-        temperature = args.tensor(temperature)
-    chunk_size = options["chunk_size"]
-    if chunk_size is not None:
-        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
-    layout = options["student_kernel_layout"]
-    hidden, kernel = args.tensor(student_hidden), args.tensor(student_kernel)
-    vocab = args.kernel_vocab("student_kernel", kernel, layout, hidden)
+    """Checks every argument, then runs the chunk engine."""
+    student, cfg, vocab = args.student_inputs(
+        student_hidden, student_kernel, labels, mask, options
+    )
+    hidden = student["student_hidden"]
     log_probs, ids, tail = (args.tensor(x) for x in teacher)
     args.same_leading("teacher_top_k_log_probs", log_probs, hidden, 1)
     args.same_leading("teacher_top_k_ids", ids, hidden, 1)
@@ -121,35 +75,10 @@ def _call(student_hidden, student_kernel, teacher, labels, mask, options):
         raise _checks.invalid(
             "teacher_top_k_ids", "integer token ids", ids.dtype
         )
-    labels, mask = args.tensor(labels), args.tensor(mask)
-    for name, value in (("labels", labels), ("mask", mask)):
-        if value is not None:
-            args.same_leading(name, value, hidden)
-    cfg = {
-        "labels": labels is not None,
-        "student_layout": layout,
-        "student_cap": args.cap(
-            "student_logit_soft_cap", options["student_logit_soft_cap"]
-        ),
-        "temperature_is_one": isinstance(temperature, float)
-        and temperature == 1.0,
-        "chunk_size": chunk_size or loop.default_chunk_size(vocab),
-    }
-    inputs = {
-        "student_hidden": hidden,
-        "student_kernel": kernel,
-        "log_probs": log_probs,
-        "ids": ids,
-        "tail": tail,
-        "labels": labels,
-        "mask": mask,
-        "temperature": temperature,
-        "alpha": options["alpha"],
-        "teacher_temperature": _teacher_temperature(
-            options["teacher_temperature"], temperature
-        ),
-    }
-    return _fused_top_k_loss(inputs, cfg)
+    cached = _teacher_temperature(
+        options["teacher_temperature"], student["temperature"]
+    )
+    return fused_loss(student, TopKTeacher(log_probs, ids, tail, cached), cfg)
 
 
 def fused_linear_top_k_divergence(
@@ -304,3 +233,103 @@ def fused_linear_top_k_distillation_loss(
     if not return_components:
         return out[0]
     return out[0], ops.stop_gradient(out[1]), ops.stop_gradient(out[2])
+
+
+def fused_linear_top_k(
+    hidden,
+    kernel,
+    k,
+    temperature=1.0,
+    chunk_size=None,
+    kernel_layout="hv",
+    logit_soft_cap=None,
+    vocabulary_size=None,
+):
+    """The `k + 1` buckets of a linear head's softmax per token, from its
+    hidden states, without building the `[tokens, vocab]` logits: what a
+    top-k cache of a teacher holds (`fused_linear_top_k_divergence`).
+
+    Formula:
+
+    ```
+    z = hidden @ kernel[:, :vocabulary_size]      # capped if asked
+    log_p = log_softmax(z / T)                    # per token
+    top_k_log_probs, top_k_ids = top_k(log_p, k)  # largest first
+    tail_log_prob = log(sum of exp(log_p) over the other ids)
+    ```
+
+    Computed chunk by chunk over the tokens (`ops.fori_loop`, so a
+    compiled function holds one `[chunk, vocab]` block at a time), the
+    products in the hidden states' dtype when it is half precision (as
+    `fused_linear_divergence`), the softmax math in float32 (float64 for
+    float64 inputs). The tail is a log-sum-exp over the other logits, exact
+    also for a tail far below the float32 resolution of `1 - sum p`. No
+    gradient flows to the inputs.
+
+    Args:
+        hidden: hidden states `[..., H]`.
+        kernel: the output kernel, `[H, V]` (`"hv"`) or `[V, H]` (`"vh"`,
+            a tied embedding matrix).
+        k: ids kept per token, `1 <= k <= vocabulary_size`.
+        temperature: `T > 0`, a number or a scalar tensor/variable.
+        chunk_size: tokens per chunk, or `None` (as
+            `fused_linear_divergence`).
+        kernel_layout: `"hv"` or `"vh"`.
+        logit_soft_cap: Gemma's `final_logit_soft_cap` (applied before
+            the temperature), or `None`.
+        vocabulary_size: use only the first `vocabulary_size` entries of
+            the kernel (a padded vocabulary); `None` uses all `V`.
+
+    Returns:
+        `(top_k_log_probs, top_k_ids, tail_log_prob)`: `[..., k]` float32
+        (float64 for float64 inputs), `[..., k]` int32, and `[...]`, `-inf`
+        where the top `k` hold all the mass (`k = vocabulary_size`).
+
+    Example:
+
+    >>> log_probs, ids, tail = fused_linear_top_k(
+    ...     np.ones((2, 7, 4)), np.zeros((4, 11)), k=3)
+    >>> # log_probs: log(1 / 11) each; tail: log(8 / 11)
+    """
+    temperature = validate_temperature(temperature)
+    if not isinstance(temperature, float):
+        temperature = args.tensor(temperature)
+    if chunk_size is not None:
+        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
+    hidden, kernel = args.tensor(hidden), args.tensor(kernel)
+    full = args.kernel_vocab("kernel", kernel, kernel_layout, hidden)
+    vocab = full
+    if vocabulary_size is not None:
+        vocab = _checks.integer("vocabulary_size", vocabulary_size, low=1)
+        if full is not None and vocab > full:
+            raise _checks.invalid(
+                "vocabulary_size", f"at most the kernel's {full} entries", vocab
+            )
+    k = _checks.integer("k", k, low=1)
+    if vocab is not None and k > vocab:
+        raise _checks.invalid("k", f"at most the vocabulary ({vocab})", k)
+    cap = args.cap("logit_soft_cap", logit_soft_cap)
+    if vocab != full:
+        cut = slice(0, vocab)
+        kernel = kernel[:, cut] if kernel_layout == "hv" else kernel[cut]
+    dtype = compute_dtype([hidden, kernel])
+    product_dtype = matmul_dtype(hidden, dtype)
+    flat = flat_rows(ops.stop_gradient(hidden), product_dtype)
+    kernel = ops.cast(ops.stop_gradient(kernel), product_dtype)
+    if not isinstance(temperature, float):
+        temperature = ops.cast(temperature, dtype)
+    equation = EINSUM[kernel_layout][0]
+
+    def chunk(rows):
+        z = ops.cast(ops.einsum(equation, rows, kernel), dtype)
+        return top_k_buckets(_scale(soft_cap(z, cap), temperature), k), ()
+
+    outputs = [((k,), dtype), ((k,), "int32"), ((), dtype)]
+    size = chunk_size or default_chunk_size(vocab)
+    (log_probs, ids, tail), _ = run_chunks(chunk, size, [flat], outputs)
+    lead = tuple(ops.shape(hidden)[:-1])
+    return (
+        ops.reshape(log_probs, lead + (k,)),
+        ops.reshape(ids, lead + (k,)),
+        ops.reshape(tail, lead),
+    )

@@ -9,8 +9,9 @@ float32 rounding of its own value, so `u` is off by about
 `1e-7 * (|log P| + |log Q|)`: nothing when the divergence is large, 100% of
 a divergence of 1e-7 (a student within 1e-3 of its teacher).
 
-Precise path (`../shared/SPEC.md`, "Exactness where distillation ends"):
-with `d = (t - s) / T`, any per-row shift `k` and `w = d - k`,
+Precise path (exact where distillation ends, a student near its
+teacher, where the fast path's `u` loses every digit): with
+`d = (t - s) / T`, any per-row shift `k` and `w = d - k`,
 
 ```
 c = log E_Q[exp(d - k)] = log1p(E_Q[expm1(w)]),   u = w - c
@@ -19,8 +20,8 @@ c = log E_Q[exp(d - k)] = log1p(E_Q[expm1(w)]),   u = w - c
 `t - s` is taken exactly as the sum `hi + lo` of two floats (Knuth's
 TwoSum), so a student whose logits equal the teacher's plus a constant
 (softmax does not see it) is as exact as one without. `c` is exact for any
-`k`; `k` is the difference of the row maxima (the SPEC's `E_Q[d]` is as
-good and costs another pass over the logits), which makes `w` small where
+`k`; `k` is the difference of the row maxima (`E_Q[d]` is as good and
+costs another pass over the logits), which makes `w` small where
 the student is near its teacher, so `u` is exact to the rounding of `w`
 and of one row sum. The divergences are then sums of termwise
 non-negative, cancellation-free terms: `Q phi(u)` with
@@ -56,9 +57,9 @@ SERIES_BELOW = 0.5
 _NEAR = 0.5
 # Beyond it `expm1(w)` nears the float32 limit: the row is far, not near.
 _FAR = 60.0
-# phi(u) = sum_{k>=2} (k - 1) u^k / k!, psi(u) = sum_{k>=2} u^k / k!: at
-# |u| = 0.5 the first term left out is below 1e-9 (float32, k <= 11) and
-# 1e-18 (float64, k <= 19) of the sum.
+# phi(u) = sum_{k>=2} (k - 1) u^k / k!, psi(u) = sum_{k>=2} u^k / k!, up
+# to k = 10 (float32) and 18 (float64): at |u| = 0.5 the first term left
+# out is below 1e-9 (float32) and 1e-18 (float64) of the sum.
 _LAST_TERM = {"float32": 11, "float64": 19}
 
 
@@ -67,7 +68,10 @@ def _dtype(x):
 
 
 def series(x, kind):
-    """`phi(x)` (`kind="phi"`) or `psi(x)` by Horner's rule; `|x| <= 0.5`."""
+    """`phi(x)` (`kind="phi"`) or `psi(x)` by Horner's rule; `|x| <= 0.5`.
+
+    The one home of both series: the softmax divergences, the fused linear
+    losses and the top-k buckets take them from here."""
     last = _LAST_TERM[_dtype(x)]
     if kind == "phi":
         coefficients = [(k - 1) / math.factorial(k) for k in range(2, last)]
@@ -81,10 +85,6 @@ def series(x, kind):
 
 def rowsum(x, axis):
     return ops.sum(x, axis=axis, keepdims=True)
-
-
-def rowmax(x, axis):
-    return _reduce_max(x, axis)
 
 
 class Pair:
@@ -219,12 +219,6 @@ class Pair:
         u, q = self.u, self.q
         near = q * series(ops.where(self.small, u, 0.0), "phi")
         return ops.where(self.small, near, q + (u - 1.0) * self.q_exp_u)
-
-    def q_psi(self):
-        """`Q psi(u) = P - Q - Q u >= 0`, the terms of `KL(Q || P)`."""
-        u, q = self.u, self.q
-        near = q * series(ops.where(self.small, u, 0.0), "psi")
-        return ops.where(self.small, near, self.p_minus_q() - q * u)
 
 
 def weighted_phi(u, q, p, e=None, small=None, below_one=None):

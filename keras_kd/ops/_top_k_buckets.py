@@ -6,9 +6,11 @@ loss compares it with the student's distribution over the same `k + 1`
 buckets: the student's probabilities of the `k` ids and its tail mass.
 Everything here works on one chunk `[chunk, vocab]` of student logits and
 returns per-token values and the gradient with respect to the student's
-scaled logits; `_fused_top_k.py` runs the chunks. Nothing is
+scaled logits; the chunk engine (`_chunk_engine.py`, with the
+`TopKTeacher` of `_chunk_teachers.py`) runs the chunks. Nothing is
 differentiated by the backend, so a `where` whose unused branch is NaN or
-infinite is harmless.
+infinite is harmless. `top_k_buckets` makes the buckets from a chunk of
+the teacher's logits (`keras_kd.ops.fused_linear_top_k`).
 
 Notation (one row): `x = (s - max s) / T` (student), `Q = softmax(x)`,
 buckets `b = 1..k` (the ids) and `0` (the tail), `q_b` the student's and
@@ -29,9 +31,7 @@ import math
 
 from keras import ops
 
-from keras_kd.ops import _fused_linear_loop as loop
-from keras_kd.ops import _fused_linear_math as fm
-from keras_kd.ops._fused_linear_math import _SERIES_BELOW, _psi
+from keras_kd.ops._log_ratio import SERIES_BELOW, series
 
 
 def place(ids, values, vocab):
@@ -69,6 +69,22 @@ def tail_log_sum_exp(x, in_top):
     total = ops.sum(e, axis=-1, keepdims=True)
     # log(0) = -inf: a tail without entries (k = vocab) has no mass.
     return ops.squeeze(top + ops.log(total), -1), e, total
+
+
+def top_k_buckets(x, k):
+    """The `k + 1` buckets of `softmax(x)` per row of `x` `[chunk, vocab]`:
+    `(log_probs [chunk, k], ids [chunk, k], tail [chunk])`, the `k`
+    largest log-probabilities (largest first), their int32 ids, and the
+    log of the remaining mass (`-inf` when the top `k` hold all of it).
+
+    The tail is a log-sum-exp over the other entries: `log1p(-sum p)`
+    would lose every digit of a tail below ~1e-7.
+    """
+    lse = ops.logsumexp(x, axis=-1)
+    values, ids = ops.top_k(x, k)
+    ids = ops.cast(ids, "int32")
+    tail, _, _ = tail_log_sum_exp(x, top_k_mask(ids, x.shape[-1]))
+    return values - ops.expand_dims(lse, -1), ids, tail - lse
 
 
 def _log_normalize(log_values):
@@ -121,9 +137,9 @@ def bucket_kl_terms(half, total, q, scale, top_log_probs, ids, tail_log_prob):
     # u is NaN only where both buckets are empty (-inf - -inf); those
     # entries take the `no_mass` branch below.
     u = log_p - log_q
-    small = ops.abs(u) < _SERIES_BELOW
+    small = ops.abs(u) < SERIES_BELOW
     u_small = ops.where(small, u, ops.zeros_like(u))
-    psi = _psi(u_small)
+    psi = series(u_small, "psi")
     # P - q = q expm1(u), with expm1(u) = u + psi(u) near 0: exact for a
     # student close to its teacher, where P - q cancels.
     p_minus_q = ops.where(small, qb * (u_small + psi), pb - qb)
@@ -151,71 +167,3 @@ def bucket_kl_terms(half, total, q, scale, top_log_probs, ids, tail_log_prob):
     b = b / ops.where(tail_total > 0, tail_total, ops.ones_like(tail_total))
     tail_grad = q * a - tail_e * b
     return value, ops.where(in_top, top_grad, tail_grad)
-
-
-class TopKChunk:
-    """The work of one chunk for `_fused_linear_loop._run_chunks`: student
-    logits, values, and the gradients of the student's hidden states and
-    kernel."""
-
-    def __init__(self, cfg, kernel, temperature, alpha, gradients):
-        self.cfg = cfg
-        self.student_kernel = kernel
-        # The softmax math's dtype (`_run_chunks` sums the values in it),
-        # also the kernel gradient's (cast to the kernel's at the end).
-        self.dtype = self.kernel_grad_dtype = kernel.dtype
-        self.temperature = temperature
-        self.alpha = alpha
-        self.gradients = gradients
-        self.scale = 2.0 / temperature
-        self.equations = loop._EINSUM[cfg["student_layout"]]
-
-    def __call__(self, hidden, log_probs, ids, tail, weights, labels):
-        cfg = self.cfg
-        # Masked rows are neutralized before any math (their hidden states
-        # and cached values may be NaN, their ids out of range).
-        active = weights != 0
-        rows = ops.expand_dims(active, -1)
-        hidden = ops.where(rows, hidden, ops.zeros_like(hidden))
-        raw = ops.einsum(self.equations[0], hidden, self.student_kernel)
-        zs = fm.soft_cap(raw, cfg["student_cap"])
-        half, total, q = fm.student_parts(zs, self.scale)
-        vocab = q.shape[-1]
-        in_range = ops.logical_and(ids >= 0, ids < vocab)
-        ids = ops.where(
-            ops.logical_and(rows, in_range), ids, ops.zeros_like(ids)
-        )
-        log_probs = ops.where(rows, log_probs, ops.zeros_like(log_probs))
-        tail = ops.where(active, tail, ops.zeros_like(tail))
-        div, grad = bucket_kl_terms(
-            half, total, q, self.scale, log_probs, ids, tail
-        )
-        # An id out of range gives NaN, never a finite wrong loss.
-        bad = ops.logical_and(
-            active, ops.logical_not(ops.all(in_range, axis=-1))
-        )
-        nan = ops.full_like(weights, math.nan)
-        div = ops.where(bad, nan, div)
-        # d (T**2 KL(softmax(s / T))) / d s = T * d KL / d x. NaN rows are
-        # made by their row factor: a [chunk, vocab] `where` is slow on
-        # torch.
-        factor = weights * (self.temperature * (1.0 - self.alpha))
-        grad = grad * ops.expand_dims(ops.where(bad, nan, factor), -1)
-        ce = ops.zeros_like(weights)
-        if cfg["labels"]:
-            labels = ops.where(active, labels, ops.zeros_like(labels))
-            at_one = (total, q) if cfg["temperature_is_one"] else None
-            # The value is NaN for a label out of range; its gradient is
-            # made NaN here.
-            ce, g_ce = fm.cross_entropy_terms(half, labels, at_one)[:2]
-            valid = ops.logical_and(labels >= 0, labels < vocab)
-            factor = ops.where(valid, weights * self.alpha, nan)
-            grad = grad + g_ce * ops.expand_dims(factor, -1)
-        sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
-        if not self.gradients:
-            return None, None, sums
-        if cfg["student_cap"] is not None:
-            grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
-        d_hidden = ops.einsum(self.equations[1], grad, self.student_kernel)
-        d_kernel = ops.einsum(self.equations[2], hidden, grad)
-        return d_hidden, d_kernel, sums

@@ -1,4 +1,8 @@
-"""The chunk loop of the fused linear losses and its custom gradient.
+"""The one chunk engine of the fused linear losses: the loop over chunks of
+tokens, the loss driver with its custom gradient, and the student's side
+of each chunk. The teacher is a strategy object (`_chunk_teachers.py`): a
+dense head (`fused_linear_divergence`) or cached top-k buckets
+(`fused_linear_top_k_divergence`).
 
 One call computes the loss and, in the same pass, its gradients with
 respect to the student's hidden states and kernel; `ops.custom_gradient`
@@ -9,11 +13,12 @@ Per backend:
 
 - JAX and TensorFlow: `ops.fori_loop` (`lax.fori_loop`, `tf.while_loop`)
   over the chunks, so a compiled program keeps one chunk's logits alive at
-  a time; the hidden-state gradient is written into a preallocated buffer
-  with `ops.slice_update` (an in-place dynamic-update-slice under XLA). The
-  token count may be unknown while tracing (TensorFlow).
+  a time; per-token results (the hidden-state gradient) are written into
+  preallocated buffers with `ops.slice_update` (an in-place
+  dynamic-update-slice under XLA). The token count may be unknown while
+  tracing (TensorFlow).
 - torch: a Python loop (torch runs eagerly; `fori_loop` is a Python loop
-  there too) whose chunk gradients are concatenated once at the end,
+  there too) whose per-token pieces are concatenated once at the end,
   instead of copying the whole buffer per chunk.
 
 The gradient function takes `(*args, upstream=None)`: TensorFlow and JAX
@@ -23,6 +28,7 @@ states and kernel (all three backends accept `None` as "no gradient").
 """
 
 import functools
+import math
 
 import keras
 from keras import ops
@@ -39,7 +45,7 @@ from keras_kd.ops import _fused_linear_math as fm
 _CHUNK_FLOATS = 2**21
 _GPU_CHUNK_FLOATS = 2**25
 
-_EINSUM = {
+EINSUM = {
     # layout: (logits, hidden gradient, kernel gradient)
     "hv": ("ch,hv->cv", "cv,hv->ch", "ch,cv->hv"),
     "vh": ("ch,vh->cv", "cv,vh->ch", "ch,cv->vh"),
@@ -73,18 +79,26 @@ def _on_accelerator():
     return False
 
 
-def _compute_dtype(tensors):
+def compute_dtype(tensors):
+    """The softmax math's dtype: float64 if any of `tensors` is, else
+    float32 (half precision included)."""
     dtypes = [keras.backend.standardize_dtype(x.dtype) for x in tensors]
     return "float64" if "float64" in dtypes else "float32"
 
 
-def _matmul_dtype(hidden, compute_dtype):
+def matmul_dtype(hidden, dtype):
     """The dtype one model's products run in: that of its hidden states
     when they are half precision (what its `Dense` head computes in under
     a `bfloat16` or `mixed_bfloat16` policy, the kernel cast to it; what
-    GPU matrix units are fast at), else the softmax math's."""
-    dtype = keras.backend.standardize_dtype(hidden.dtype)
-    return dtype if dtype in ("bfloat16", "float16") else compute_dtype
+    GPU matrix units are fast at), else the softmax math's `dtype`."""
+    found = keras.backend.standardize_dtype(hidden.dtype)
+    return found if found in ("bfloat16", "float16") else dtype
+
+
+def flat_rows(x, dtype=None):
+    """`x` `[..., d]` as `[tokens, d]`, cast to `dtype` if given."""
+    flat = ops.reshape(x, (-1, x.shape[-1]))
+    return flat if dtype is None else ops.cast(flat, dtype)
 
 
 def _rows(x, start, size):
@@ -101,198 +115,194 @@ def _pad_rows(x, pad):
     return ops.pad(x, widths)
 
 
-class _Chunk:
-    """The work of one chunk: logits, values, and both gradients."""
+def run_chunks(chunk, size, inputs, outputs=(), totals=()):
+    """Runs `chunk` over chunks of `size` rows of `inputs` (tensors with
+    the same first axis, or `None`).
 
-    def __init__(
-        self, cfg, kernels, temperature, alpha, dtypes, gradients=True
-    ):
-        self.cfg = cfg
-        # The softmax math's dtype, and the kernel gradient's.
-        self.dtype, self.kernel_grad_dtype = dtypes
-        self.gradients = gradients
-        self.student_kernel, self.teacher_kernel = kernels
-        self.temperature = temperature
-        self.alpha = alpha
-        self.scale = 2.0 / temperature
-        self.equations = _EINSUM[cfg["student_layout"]]
-
-    def __call__(self, hidden, teacher_hidden, weights, labels):
-        cfg = self.cfg
-        # Masked rows are zeroed before the matmuls, not multiplied by 0
-        # after them: padding may hold NaN hidden states or out-of-range
-        # labels, and no [chunk, vocab] `where` is needed.
-        active = weights != 0
-        rows = ops.expand_dims(active, -1)
-        hidden = ops.where(rows, hidden, ops.zeros_like(hidden))
-        raw = ops.einsum(self.equations[0], hidden, self.student_kernel)
-        raw = ops.cast(raw, self.dtype)
-        zs = fm.soft_cap(raw, cfg["student_cap"])
-        student = fm.student_parts(zs, self.scale)
-        zero = ops.zeros_like(weights)
-        ce, div, grad = zero, zero, None
-        if cfg["divergence"] is not None:
-            teacher_hidden = ops.where(
-                rows, teacher_hidden, ops.zeros_like(teacher_hidden)
-            )
-            zt = ops.einsum(
-                _EINSUM[cfg["teacher_layout"]][0],
-                teacher_hidden,
-                self.teacher_kernel,
-            )
-            zt = ops.cast(zt, self.dtype)
-            zt = fm.soft_cap(zt, cfg["teacher_cap"])
-            terms = (
-                fm.divergence_terms
-                if cfg["precise"]
-                else fm.fast_divergence_terms
-            )
-            div, g_div = terms(
-                student, zt, self.scale, cfg["divergence"], cfg["beta"]
-            )
-            # d (T**2 D(softmax(s / T))) / d s = T * d D / d a.
-            factor = weights * (self.temperature * (1.0 - self.alpha))
-            grad = g_div * ops.expand_dims(factor, -1)
-        if cfg["labels"]:
-            labels = ops.where(active, labels, ops.zeros_like(labels))
-            at_one = student[1:] if cfg["temperature_is_one"] else None
-            ce, g_ce, valid = fm.cross_entropy_terms(student[0], labels, at_one)
-            nan = ops.full_like(weights, float("nan"))
-            factor = ops.where(valid, weights * self.alpha, nan)
-            g_ce = g_ce * ops.expand_dims(factor, -1)
-            grad = g_ce if grad is None else grad + g_ce
-        sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
-        if not self.gradients:
-            return None, None, sums
-        if cfg["student_cap"] is not None:
-            grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
-        # Half-precision products take the logit gradient in their dtype.
-        grad = ops.cast(grad, hidden.dtype)
-        d_hidden = ops.einsum(self.equations[1], grad, self.student_kernel)
-        d_kernel = ops.einsum(self.equations[2], hidden, grad)
-        return d_hidden, d_kernel, sums
-
-
-def _run_chunks(chunk, size, inputs):
-    """Runs `chunk` over the rows of `inputs` = (hidden, teacher hidden,
-    weights, labels) and returns (d_hidden, d_kernel, sums)."""
-    hidden = inputs[0]
-    n = ops.shape(hidden)[0]
+    `chunk(*rows) -> (pieces, parts)`: per-row results, one per entry of
+    `outputs` (`(trailing shape, dtype)`), stacked back into `[rows, ...]`
+    tensors; and results summed over the chunks into `totals` (initial
+    values, each sum kept in its dtype). Returns `(per_row, sums)`.
+    """
+    first = next(x for x in inputs if x is not None)
+    n = ops.shape(first)[0]
     steps = (n + size - 1) // size
     if isinstance(n, int):
-        # At least one (then fully masked) chunk: a loop body is traced
+        # At least one (then fully padded) chunk: a loop body is traced
         # even when it runs zero times, and it slices one chunk.
         size = max(1, min(size, n))
         steps = max(1, (n + size - 1) // size)
     pad = steps * size - n
     padded = [None if x is None else _pad_rows(x, pad) for x in inputs]
-    kernel = chunk.student_kernel
-    sums = ops.zeros((2,), dtype=chunk.dtype)
-    # In the kernel's own dtype: a float32 accumulator for a bfloat16
-    # [H, V] kernel would double the memory the gradient needs.
-    grad_dtype = chunk.kernel_grad_dtype
-    d_kernel = ops.zeros(ops.shape(kernel), dtype=grad_dtype)
+    totals = tuple(totals)
 
     def rows(start):
         return [None if x is None else _rows(x, start, size) for x in padded]
 
+    def add(sums, parts):
+        return tuple(s + ops.cast(p, s.dtype) for s, p in zip(sums, parts))
+
     if keras.backend.backend() == "torch":
-        pieces = []
+        pieces = [[] for _ in outputs]
         for step in range(steps):
-            d_h, d_k, s = chunk(*rows(step * size))
-            sums = sums + s
-            if chunk.gradients:
-                pieces.append(d_h)
-                d_kernel = d_kernel + ops.cast(d_k, grad_dtype)
-        d_hidden = (
-            ops.concatenate(pieces, axis=0)
-            if pieces
-            else ops.zeros_like(padded[0])
-        )
-        return d_hidden[:n], d_kernel, sums
+            found, parts = chunk(*rows(step * size))
+            for kept, piece in zip(pieces, found):
+                kept.append(piece)
+            totals = add(totals, parts)
+        per_row = [ops.concatenate(p, axis=0)[:n] for p in pieces]
+        return per_row, totals
 
     def body(step, carry):
-        d_hidden, d_kernel, sums = carry
+        buffers, sums = carry
         start = step * size
-        d_h, d_k, s = chunk(*rows(start))
-        d_hidden = ops.slice_update(d_hidden, [start, 0], d_h)
-        return d_hidden, d_kernel + ops.cast(d_k, grad_dtype), sums + s
+        found, parts = chunk(*rows(start))
+        buffers = tuple(
+            ops.slice_update(buffer, [start] + [0] * len(tail), piece)
+            for buffer, piece, (tail, _) in zip(buffers, found, outputs)
+        )
+        return buffers, add(sums, parts)
 
-    carry = (ops.zeros_like(padded[0]), d_kernel, sums)
-    d_hidden, d_kernel, sums = ops.fori_loop(0, steps, body, carry)
-    return d_hidden[:n], d_kernel, sums
+    buffers = tuple(
+        ops.zeros((steps * size,) + tuple(tail), dtype)
+        for tail, dtype in outputs
+    )
+    buffers, totals = ops.fori_loop(0, steps, body, (buffers, totals))
+    return [buffer[:n] for buffer in buffers], totals
 
 
-def fused_loss(
-    student_hidden,
-    student_kernel,
-    teacher_hidden,
-    teacher_kernel,
-    labels,
-    mask,
-    temperature,
-    alpha,
-    cfg,
-):
+class _Chunk:
+    """The work of one chunk: the student's logits, the teacher's terms
+    (the strategy's), the cross-entropy, and both gradients."""
+
+    def __init__(self, cfg, kernel, teacher, numbers, dtype, gradients):
+        self.cfg = cfg
+        self.kernel = kernel
+        # The strategy and what its `prepare` returned besides rows.
+        self.teacher, self.constants = teacher
+        self.temperature, self.alpha = numbers
+        # The softmax math's dtype.
+        self.dtype = dtype
+        self.gradients = gradients
+        self.scale = 2.0 / self.temperature
+        self.equations = EINSUM[cfg["student_layout"]]
+
+    def __call__(self, hidden, weights, labels, *teacher_rows):
+        cfg = self.cfg
+        # Masked rows are zeroed before the matmuls, not multiplied by 0
+        # after them: padding may hold NaN hidden states or out-of-range
+        # labels and ids, and no [chunk, vocab] `where` is needed.
+        active = weights != 0
+        hidden = ops.where(
+            ops.expand_dims(active, -1), hidden, ops.zeros_like(hidden)
+        )
+        # In the student's matmul dtype, then the softmax math's.
+        raw = ops.einsum(self.equations[0], hidden, self.kernel)
+        raw = ops.cast(raw, self.dtype)
+        zs = fm.soft_cap(raw, cfg["student_cap"])
+        student = fm.student_parts(zs, self.scale)
+        zero = ops.zeros_like(weights)
+        nan = ops.full_like(weights, math.nan)
+        ce, div, grad = zero, zero, None
+        if self.teacher is not None:
+            div, g_div, bad = self.teacher.terms(
+                self.constants, student, self.scale, active, teacher_rows
+            )
+            # d (T**2 D(softmax(s / T))) / d s = T * d D / d a.
+            factor = weights * (self.temperature * (1.0 - self.alpha))
+            if bad is not None:
+                # NaN, never a finite wrong loss; its gradient is made NaN
+                # by its row factor (a [chunk, vocab] `where` is slow on
+                # torch).
+                div = ops.where(bad, nan, div)
+                factor = ops.where(bad, nan, factor)
+            grad = g_div * ops.expand_dims(factor, -1)
+        if cfg["labels"]:
+            labels = ops.where(active, labels, ops.zeros_like(labels))
+            at_one = student[1:] if cfg["temperature_is_one"] else None
+            ce, g_ce, valid = fm.cross_entropy_terms(student[0], labels, at_one)
+            factor = ops.where(valid, weights * self.alpha, nan)
+            g_ce = g_ce * ops.expand_dims(factor, -1)
+            grad = g_ce if grad is None else grad + g_ce
+        sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
+        if not self.gradients:
+            return (), (sums,)
+        if cfg["student_cap"] is not None:
+            grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
+        # Half-precision products take the logit gradient in their dtype.
+        grad = ops.cast(grad, hidden.dtype)
+        d_hidden = ops.einsum(self.equations[1], grad, self.kernel)
+        d_kernel = ops.einsum(self.equations[2], hidden, grad)
+        return (d_hidden,), (sums, d_kernel)
+
+
+def fused_loss(student, teacher, cfg):
     """`[total, cross_entropy, divergence]` with the custom gradient.
 
-    Arguments are validated tensors (teacher, labels and mask may be
-    `None`); `temperature` and `alpha` are floats or scalar tensors; `cfg`
-    holds the static options. Gradients flow to the student's hidden states
-    and kernel only, through `total`.
+    Args:
+        student: a dict of validated inputs: `student_hidden`,
+            `student_kernel`, `labels` and `mask` (tensors or `None`),
+            `temperature` and `alpha` (floats or scalar tensors).
+        teacher: a strategy of `_chunk_teachers.py`, or `None` (the
+            cross-entropy alone).
+        cfg: the static options: `labels` (whether given),
+            `student_layout`, `student_cap`, `temperature_is_one`,
+            `chunk_size`.
+
+    Gradients flow to the student's hidden states and kernel only, through
+    `total`.
     """
-    inputs = {
-        "student_hidden": student_hidden,
-        "student_kernel": student_kernel,
-        "teacher_hidden": teacher_hidden,
-        "teacher_kernel": teacher_kernel,
-        "labels": labels,
-        "mask": mask,
-        "temperature": temperature,
-        "alpha": alpha,
-    }
+    inputs = dict(student, **(teacher.inputs if teacher else {}))
     # Only tensors go through custom_gradient (torch saves them for the
-    # backward pass); Python floats stay closed over.
+    # backward pass); Python floats stay closed over. The student's hidden
+    # states and kernel come first (`with_student_gradients`).
     names = [k for k, v in inputs.items() if ops.is_tensor(v)]
-    dtype = _compute_dtype(
-        [inputs[k] for k in names if k.endswith(("hidden", "kernel"))]
-    )
+    precision = ["student_hidden", "student_kernel"]
+    precision += list(teacher.precision_inputs) if teacher else []
+    dtype = compute_dtype([inputs[k] for k in precision])
 
     def compute(tensors, gradients):
         given = dict(inputs, **dict(zip(names, tensors)))
-        hidden = given["student_hidden"]
-        kernel = given["student_kernel"]
+        hidden, kernel = given["student_hidden"], given["student_kernel"]
+        # The kernel gradient is accumulated in the kernel's own dtype: a
+        # float32 accumulator for a bfloat16 [H, V] kernel would double
+        # the memory the gradient needs.
         grad_dtype = keras.backend.standardize_dtype(kernel.dtype)
         grad_dtype = grad_dtype if dtype == "float32" else dtype
-        student_dtype = _matmul_dtype(hidden, dtype)
-        flat = ops.reshape(hidden, (-1, hidden.shape[-1]))
-        flat = ops.cast(flat, student_dtype)
+        student_dtype = matmul_dtype(hidden, dtype)
+        flat = flat_rows(hidden, student_dtype)
         kernel = ops.cast(kernel, student_dtype)
         t, a = given["temperature"], given["alpha"]
-        if ops.is_tensor(t):
-            t = ops.cast(t, dtype)
-        if ops.is_tensor(a):
-            a = ops.cast(a, dtype)
-        teacher, teacher_kernel_ = None, None
-        if given["teacher_hidden"] is not None:
-            th, tk = given["teacher_hidden"], given["teacher_kernel"]
-            teacher_dtype = _matmul_dtype(th, dtype)
-            teacher = ops.reshape(th, (-1, th.shape[-1]))
-            teacher = ops.cast(teacher, teacher_dtype)
-            teacher_kernel_ = ops.cast(tk, teacher_dtype)
-        weights, labels_ = token_weights_and_labels(
+        t = ops.cast(t, dtype) if ops.is_tensor(t) else t
+        a = ops.cast(a, dtype) if ops.is_tensor(a) else a
+        weights, labels = token_weights_and_labels(
             given["mask"], given["labels"], ops.shape(flat)[0], dtype
         )
+        rows, constants = (
+            teacher.prepare(given, dtype) if teacher else ((), None)
+        )
         chunk = _Chunk(
-            cfg, (kernel, teacher_kernel_), t, a, (dtype, grad_dtype), gradients
+            cfg, kernel, (teacher, constants), (t, a), dtype, gradients
         )
-        d_hidden, d_kernel, sums = _run_chunks(
-            chunk, cfg["chunk_size"], (flat, teacher, weights, labels_)
+        sums = ops.zeros((2,), dtype=dtype)
+        outputs, totals = [], [sums]
+        if gradients:
+            outputs.append(((flat.shape[-1],), student_dtype))
+            totals.append(ops.zeros(ops.shape(kernel), dtype=grad_dtype))
+        per_row, totals = run_chunks(
+            chunk,
+            cfg["chunk_size"],
+            (flat, weights, labels, *rows),
+            outputs,
+            totals,
         )
+        sums = totals[0]
         ce, div = sums[0], sums[1] * (t * t)
         # The public functions pass alpha = 1 (no teacher) or 0 (no labels).
         out = ops.stack([a * ce + (1.0 - a) * div, ce, div])
-        return out, d_hidden, d_kernel
+        grads = (per_row[0], totals[1]) if gradients else None
+        if teacher is not None:
+            out, grads = teacher.finish(given, dtype, t, out, grads)
+        return (out,) + (grads if gradients else (None, None))
 
     return with_student_gradients(compute, [inputs[k] for k in names])
 
