@@ -6,8 +6,8 @@ import contextlib
 
 import keras
 import numpy as np
-import pytest
-from keras import ops
+from _cases import log_softmax64
+from _cases_keras import np_  # noqa: F401 (the fused tests take it here)
 
 from keras_kd import ops as kd
 
@@ -20,17 +20,6 @@ DIVERGENCES = [
     ("jsd", 0.3),
     ("jsd", 1.0),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_session():
-    # Lighter than conftest's (no gc.collect()): these tests build no model
-    # but one.
-    keras.backend.clear_session(free_memory=False)
-
-
-def np_(x):
-    return ops.convert_to_numpy(x)
 
 
 def close(actual, expected, rtol=1e-5):
@@ -98,11 +87,6 @@ def make_inputs(seed=0, dtype="float32"):
 # ----------------------------------------------------- dense NumPy reference
 
 
-def log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def reference(
     hs,
     ks,
@@ -128,7 +112,7 @@ def reference(
     w = np.ones(hs.shape[:-1]) if mask is None else mask.astype("float64")
     w = w / max(w.sum(), 1e-300)
     t = temperature
-    lq, lp = log_softmax(zs / t), log_softmax(zt / t)
+    lq, lp = log_softmax64(zs / t), log_softmax64(zt / t)
     q, p = np.exp(lq), np.exp(lp)
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "kl" if beta == 0.0 else "reverse_kl"
@@ -148,7 +132,7 @@ def reference(
     value = t * t * (w * d).sum()
     grad = t * w[..., None] * g
     if labels is not None:
-        l1 = log_softmax(zs)
+        l1 = log_softmax64(zs)
         ce_rows = -np.take_along_axis(l1, labels[..., None], -1)[..., 0]
         onehot = np.eye(zs.shape[-1])[labels]
         ce = (w * ce_rows).sum()

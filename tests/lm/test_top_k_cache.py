@@ -6,6 +6,7 @@ the CausalLMDistiller trained from the cache."""
 import keras
 import numpy as np
 import pytest
+from _cases import log_softmax64
 from _fused_linear_cases import (
     V,
     close,
@@ -37,14 +38,9 @@ def logsumexp(z, axis=-1):
     return np.squeeze(top + total, axis)
 
 
-def log_softmax(z):
-    z = np.asarray(z, "float64")
-    return z - logsumexp(z)[..., None]
-
-
 def top_k_teacher(logits, k, t=1.0):
     """float64 `(log_probs, ids, tail)` of `logits / t`."""
-    lp = log_softmax(np.asarray(logits, "float64") / t)
+    lp = log_softmax64(np.asarray(logits, "float64") / t)
     ids = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
     rest = lp.copy()
     np.put_along_axis(rest, ids, -np.inf, -1)
@@ -60,7 +56,7 @@ def teacher_buckets(log_probs, tail):
 def bucketed_kl(student_logits, log_probs, ids, tail):
     """NumPy float64 per-token KL of the (k + 1)-bucket teacher from the
     student's buckets."""
-    lq = log_softmax(student_logits)
+    lq = log_softmax64(student_logits)
     rest = lq.copy()
     np.put_along_axis(rest, ids, -np.inf, -1)
     lq_b = np.concatenate(
@@ -366,7 +362,7 @@ def test_offline_loss_equals_the_bucketed_reference_at_small_k():
         cache["teacher_top_k_ids"],
         cache["teacher_tail_log_prob"],
     )
-    ce = -np.take_along_axis(log_softmax(logits), labels[..., None], -1)
+    ce = -np.take_along_axis(log_softmax64(logits), labels[..., None], -1)
     real = w > 0
     kd_value, ce_value = 1.5**2 * kl[real].mean(), ce[..., 0][real].mean()
     np.testing.assert_allclose(logs["distillation_loss"][0], kd_value, 1e-5)

@@ -9,7 +9,6 @@ import pytest
 from _fused_linear_cases import (
     BACKEND,
     V,
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     make_inputs,
     np_,
     reference,

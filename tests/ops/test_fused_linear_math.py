@@ -17,7 +17,6 @@ from _fused_linear_cases import (
     L,
     V,
     _dyadic,
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     check,
     close,
     fused,

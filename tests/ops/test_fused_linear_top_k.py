@@ -13,7 +13,6 @@ from _fused_linear_cases import (
     B,
     L,
     V,
-    _fresh_session,  # noqa: F401 (overrides conftest's)
     make_inputs,
     np_,
     x64,
