@@ -1,5 +1,7 @@
 """Keras-side helpers shared by the tests: NumPy conversion, tolerances,
-backend autodiff and the engine-path fixture."""
+backend autodiff, float64 on every backend and the engine-path fixture."""
+
+import contextlib
 
 import keras
 import numpy as np
@@ -18,6 +20,18 @@ def engine_path(request, monkeypatch):
     precise = request.param == "precise"
     monkeypatch.setattr(_gradients, "default_precise", lambda: precise)
     return request.param
+
+
+@contextlib.contextmanager
+def x64():
+    """float64 on this backend (JAX has it only with x64 enabled)."""
+    if BACKEND == "jax":
+        import jax
+
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
 
 
 def np_(x):

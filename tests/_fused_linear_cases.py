@@ -2,12 +2,13 @@
 float64 NumPy reference (values and gradients with respect to the
 student's hidden states and kernel) and the backend's autodiff."""
 
-import contextlib
-
 import keras
 import numpy as np
 from _cases import log_softmax64
-from _cases_keras import np_  # noqa: F401 (the fused tests take it here)
+from _cases_keras import (  # noqa: F401 (the fused tests take them here)
+    np_,
+    x64,
+)
 
 from keras_kd import ops as kd
 
@@ -26,18 +27,6 @@ def close(actual, expected, rtol=1e-5):
     expected = np.asarray(expected, "float64")
     atol = 1e-6 * max(np.max(np.abs(expected)), 1e-30)
     np.testing.assert_allclose(np_(actual), expected, rtol=rtol, atol=atol)
-
-
-@contextlib.contextmanager
-def x64():
-    """float64 on this backend (JAX has it only with x64 enabled)."""
-    if BACKEND == "jax":
-        import jax
-
-        with jax.enable_x64(True):
-            yield
-    else:
-        yield
 
 
 def value_and_grads(fn, *args, wrt=(0, 1)):

@@ -22,6 +22,7 @@ os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _cases_keras import x64  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -40,6 +41,13 @@ def _fresh_session():
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     yield
+
+
+@pytest.fixture(name="x64")
+def _x64():
+    """Runs a test with float64 available on this backend."""
+    with x64():
+        yield
 
 
 @pytest.fixture

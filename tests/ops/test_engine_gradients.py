@@ -33,18 +33,6 @@ PATHS = [True, False]
 LABELS = np.array([0, 3, 6, 1, 2, 5])
 
 
-@pytest.fixture
-def x64():
-    """float64 on this backend (JAX only has it with x64 enabled)."""
-    if BACKEND == "jax":
-        import jax
-
-        with jax.enable_x64(True):
-            yield
-    else:
-        yield
-
-
 def _inputs(seed=0, rows=6, classes=7, scale=2.0):
     rng = np.random.default_rng(seed)
     t = scale * rng.normal(size=(rows, classes))

@@ -21,7 +21,6 @@ from _cases import (
     symmetric_kl64,
 )
 from _cases_keras import (
-    BACKEND,
     close,
     engine_path,  # noqa: F401 (each test runs on both paths)
     np_,
@@ -41,18 +40,6 @@ def _dtype(x):
 
 
 # ------------------------------------------------------------ 4. float64
-
-
-@pytest.fixture
-def x64():
-    """float64 on this backend (JAX only has it with x64 enabled)."""
-    if BACKEND == "jax":
-        import jax
-
-        with jax.enable_x64(True):
-            yield
-    else:
-        yield
 
 
 def _float64_cases():
