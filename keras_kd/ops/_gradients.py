@@ -13,7 +13,7 @@ Second-order differentiation (a gradient of the gradient):
 - JAX and TensorFlow differentiate the gradient expression itself, whose
   inputs (probabilities, log-ratios) are differentiable functions of the
   logits: reverse-over-reverse (`jax.grad(jax.grad(...))`, nested
-  `GradientTape`s) is exact (`tests/test_engine_gradients.py`). In a row
+  `GradientTape`s) is exact (checked by the test suite). In a row
   with mass on one side only, or logits near the float limit, the precise
   path's second-order gradient may be NaN (an unused `where` branch holds
   one there). JAX's forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`)
