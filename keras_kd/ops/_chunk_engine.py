@@ -34,6 +34,7 @@ import keras
 from keras import ops
 
 from keras_kd.ops import _fused_linear_math as fm
+from keras_kd.ops._core import compute_dtype, dtype_of, matmul_dtype
 
 # The default chunk keeps one [chunk, vocab] float32 block at ~8 MiB on a
 # CPU: XLA keeps a few such blocks alive at once (47 MiB of scratch in all
@@ -77,22 +78,6 @@ def _on_accelerator():
 
         return bool(tf.config.list_logical_devices("GPU"))
     return False
-
-
-def compute_dtype(tensors):
-    """The softmax math's dtype: float64 if any of `tensors` is, else
-    float32 (half precision included)."""
-    dtypes = [keras.backend.standardize_dtype(x.dtype) for x in tensors]
-    return "float64" if "float64" in dtypes else "float32"
-
-
-def matmul_dtype(hidden, dtype):
-    """The dtype one model's products run in: that of its hidden states
-    when they are half precision (what its `Dense` head computes in under
-    a `bfloat16` or `mixed_bfloat16` policy, the kernel cast to it; what
-    GPU matrix units are fast at), else the softmax math's `dtype`."""
-    found = keras.backend.standardize_dtype(hidden.dtype)
-    return found if found in ("bfloat16", "float16") else dtype
 
 
 def flat_rows(x, dtype=None):
@@ -266,7 +251,7 @@ def fused_loss(student, teacher, cfg):
         # The kernel gradient is accumulated in the kernel's own dtype: a
         # float32 accumulator for a bfloat16 [H, V] kernel would double
         # the memory the gradient needs.
-        grad_dtype = keras.backend.standardize_dtype(kernel.dtype)
+        grad_dtype = dtype_of(kernel)
         grad_dtype = grad_dtype if dtype == "float32" else dtype
         student_dtype = matmul_dtype(hidden, dtype)
         flat = flat_rows(hidden, student_dtype)

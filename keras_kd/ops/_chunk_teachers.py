@@ -27,7 +27,8 @@ import math
 from keras import ops
 
 from keras_kd.ops import _fused_linear_math as fm
-from keras_kd.ops._chunk_engine import EINSUM, flat_rows, matmul_dtype
+from keras_kd.ops._chunk_engine import EINSUM, flat_rows
+from keras_kd.ops._core import matmul_dtype
 from keras_kd.ops._top_k_buckets import bucket_kl_terms
 
 # A cached temperature is float32; one given as a Python float may differ

@@ -56,21 +56,38 @@ def _check_same_shape(y_true, y_pred, true_name="y_true", pred_name="y_pred"):
 def _as_float(x):
     """Converts to a float tensor, computing half precision in float32."""
     x = ops.convert_to_tensor(x)
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    if dtype not in ("float32", "float64"):
+    if dtype_of(x) not in ("float32", "float64"):
         x = ops.cast(x, "float32")
     return x
+
+
+def dtype_of(x):
+    """The standardized dtype name of a tensor: `"float32"`, `"int32"`..."""
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def compute_dtype(tensors):
+    """The dtype the softmax math runs in: float64 if any of `tensors` is,
+    else float32 (half precision included).
+
+    Not `keras.backend.result_type`: off TensorFlow it maps float64 to
+    float32, so float64 inputs would silently lose their precision."""
+    return "float64" if "float64" in map(dtype_of, tensors) else "float32"
+
+
+def matmul_dtype(hidden, dtype):
+    """The dtype one model's products run in: that of its hidden states
+    when they are half precision (what its `Dense` head computes in under
+    a `bfloat16` or `mixed_bfloat16` policy, the kernel cast to it; what
+    GPU matrix units are fast at), else the softmax math's `dtype`."""
+    found = dtype_of(hidden)
+    return found if found in ("bfloat16", "float16") else dtype
 
 
 def _pair(y_true, y_pred):
     y_true, y_pred = _as_float(y_true), _as_float(y_pred)
     _check_same_shape(y_true, y_pred)
-    # Not `keras.backend.result_type`: off TensorFlow it maps float64 to
-    # float32, so float64 inputs would silently lose their precision.
-    dtypes = [
-        keras.backend.standardize_dtype(x.dtype) for x in (y_true, y_pred)
-    ]
-    dtype = "float64" if "float64" in dtypes else "float32"
+    dtype = compute_dtype((y_true, y_pred))
     return ops.cast(y_true, dtype), ops.cast(y_pred, dtype)
 
 

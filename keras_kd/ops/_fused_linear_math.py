@@ -26,10 +26,9 @@ from `P` and `Q` elsewhere.
 
 import math
 
-import keras
 from keras import ops
 
-from keras_kd.ops._core import _constant
+from keras_kd.ops._core import _constant, dtype_of
 from keras_kd.ops._log_ratio import SERIES_BELOW, series
 
 # exp() of anything above this overflows (float32 ~88.7, float64 ~709.8).
@@ -87,7 +86,7 @@ def divergence_terms(student, zt, scale, divergence, beta):
         without the `T**2` factor, `grad` its gradient with respect to `a`.
     """
     a_half, sa, q = student
-    dtype = keras.backend.standardize_dtype(q.dtype)
+    dtype = dtype_of(q)
     limit = _EXP_LIMIT[dtype]
     b_half = _half_shift(zt)
     eb, sb, p = _softmax_parts(b_half, scale)
@@ -161,7 +160,7 @@ def fast_divergence_terms(student, zt, scale, divergence, beta):
         return ops.maximum(ops.squeeze(value, -1), zero), grad
     # log(M / Q) = log((1 - beta) + beta exp(u)), as a logaddexp of two
     # finite terms: P and Q may both underflow to 0 where M's log cannot.
-    dtype = keras.backend.standardize_dtype(q.dtype)
+    dtype = dtype_of(q)
     log_beta = _constant(math.log(beta), dtype)
     log_rest = _constant(math.log1p(-beta), dtype)
     l_ = ops.logaddexp(u + log_beta, ops.zeros_like(u) + log_rest)
@@ -184,7 +183,7 @@ def _jsd_terms(u, p, q, beta, limit):
     d JSD / d a = (1 - beta) Q (E_Q[l] - l)
     ```
     """
-    dtype = keras.backend.standardize_dtype(u.dtype)
+    dtype = dtype_of(u)
     cap = _constant(limit, dtype)
     # log1p of a small multiple of expm1: exact near u = 0; the asymptotes
     # beyond the exp limit are exact to float rounding.

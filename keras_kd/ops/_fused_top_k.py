@@ -13,22 +13,25 @@ are `fused_linear_divergence`'s: both run the one chunk engine
 (`_chunk_teachers.py`).
 """
 
-import keras
 from keras import ops
 
 from keras_kd import _checks
 from keras_kd.ops import _fused_linear_args as args
 from keras_kd.ops._chunk_engine import (
     EINSUM,
-    compute_dtype,
     default_chunk_size,
     flat_rows,
     fused_loss,
-    matmul_dtype,
     run_chunks,
 )
 from keras_kd.ops._chunk_teachers import TEMPERATURE_RTOL, TopKTeacher
-from keras_kd.ops._core import _scale, validate_temperature
+from keras_kd.ops._core import (
+    _scale,
+    compute_dtype,
+    dtype_of,
+    matmul_dtype,
+    validate_temperature,
+)
 from keras_kd.ops._fused_linear_math import soft_cap
 from keras_kd.ops._top_k_buckets import top_k_buckets
 
@@ -71,7 +74,7 @@ def _call(student_hidden, student_kernel, teacher, labels, mask, options):
         raise args.shape_error(
             "teacher_top_k_log_probs", f"k <= the vocabulary {vocab}", log_probs
         )
-    if not keras.backend.standardize_dtype(ids.dtype).startswith("int"):
+    if not dtype_of(ids).startswith("int"):
         raise _checks.invalid(
             "teacher_top_k_ids", "integer token ids", ids.dtype
         )

@@ -50,6 +50,7 @@ from keras_kd.ops._core import (
     _log_softmax_parts,
     _lowest,
     _reduce_max,
+    dtype_of,
 )
 
 SERIES_BELOW = 0.5
@@ -63,16 +64,12 @@ _FAR = 60.0
 _LAST_TERM = {"float32": 11, "float64": 19}
 
 
-def _dtype(x):
-    return keras.backend.standardize_dtype(x.dtype)
-
-
 def series(x, kind):
     """`phi(x)` (`kind="phi"`) or `psi(x)` by Horner's rule; `|x| <= 0.5`.
 
     The one home of both series: the softmax divergences, the fused linear
     losses and the top-k buckets take them from here."""
-    last = _LAST_TERM[_dtype(x)]
+    last = _LAST_TERM[dtype_of(x)]
     if kind == "phi":
         coefficients = [(k - 1) / math.factorial(k) for k in range(2, last)]
     else:

@@ -28,7 +28,12 @@ import numpy as np
 from keras import ops
 
 from keras_kd.ops import _log_ratio as lr
-from keras_kd.ops._core import _constant, _log_softmax, _reduce_max
+from keras_kd.ops._core import (
+    _constant,
+    _log_softmax,
+    _reduce_max,
+    dtype_of,
+)
 from keras_kd.ops._gradients import torch_eager, with_gradient
 
 
@@ -170,7 +175,7 @@ def jsd_terms(pair, beta, teacher_grad=True):
         # smallest normal float keeps its log finite where both have no
         # mass or underflow (a subnormal may be flushed to 0), and changes
         # only terms below 1e-38 * |log M|.
-        dtype = keras.backend.standardize_dtype(q.dtype)
+        dtype = dtype_of(q)
         tiny = float(np.finfo(dtype).tiny)
         log_m = ops.log((p - q) * beta + q + tiny)
         l_, x = log_m - pair.log_q, pair.log_p - log_m
