@@ -17,7 +17,7 @@ Feature distillation, per model:
 
 - `student`: the plain student (hard-label loss);
 - `teacher`: the teacher's inference, the compiled forward pass alone
-  (as in `benchmarks.bench_distiller`), on the same batches already in
+  (`benchmarks.common.teacher_inference`), on the same batches already in
   memory as tensors;
 - `keras_kd Distiller`: logits distillation only (no features);
 - `keras_kd FeatureDistiller`: logits + one feature pair;
@@ -40,9 +40,6 @@ logits with the batch.
 
 Run `python -m benchmarks.bench_advanced [--quick]`.
 """
-
-import random
-import time
 
 import numpy as np
 
@@ -219,41 +216,6 @@ def batch_norm_updates(models, x, y):
     return counts
 
 
-def teacher_inference(teacher):
-    """The teacher's forward pass in inference mode, compiled the way the
-    distillers' train functions are on this backend (`jax.jit` of
-    `stateless_call`, a `tf.function`, eager torch under `no_grad`)."""
-    import keras
-
-    name = keras.backend.backend()
-    if name == "jax":
-        import jax
-
-        @jax.jit
-        def forward(trainable, frozen, x):
-            return teacher.stateless_call(trainable, frozen, x)[0]
-
-        def run_jax(x):
-            # The current values: fit replaces (and frees) the old arrays.
-            trainable = [v.value for v in teacher.trainable_variables]
-            frozen = [v.value for v in teacher.non_trainable_variables]
-            return common.block(forward(trainable, frozen, x))
-
-        return run_jax
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        forward = tf.function(lambda x: teacher(x, training=False))
-        return lambda x: forward(x).numpy()
-    import torch
-
-    def run_torch(x):
-        with torch.no_grad():
-            return common.block(teacher(x, training=False))
-
-    return run_torch
-
-
 def _epoch(model, x, y, batch):
     def run():
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
@@ -261,30 +223,20 @@ def _epoch(model, x, y, batch):
     return run
 
 
-def time_epochs(runs, repeats, steps, warmup=2):
-    """Interleaved epochs: (wall, CPU) seconds per step, per run.
+def time_epochs(runs, repeats, steps):
+    """Interleaved epochs (`common.time_interleaved`, one per round): wall
+    and CPU seconds per step, per run. On a shared machine other
+    processes stretch the wall time of whatever runs at that moment, while
+    the CPU time this process spends is the work itself (all its
+    threads), so its ratios are the steadier estimate of the cost."""
+    wall, cpu = common.time_interleaved(
+        runs, repeats, warmup=2, min_sample_s=0, cpu=True
+    )
 
-    Like `common.time_interleaved`, with the process's CPU time beside the
-    wall time: on a shared machine other processes stretch the wall time
-    of whatever runs at that moment, while the CPU time this process spends
-    is the work itself (all its threads), so its ratios are the steadier
-    estimate of the cost.
-    """
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    wall = {key: [] for key in runs}
-    cpu = {key: [] for key in runs}
-    order = list(runs)
-    rng = random.Random(0)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for key in order:
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            runs[key]()
-            wall[key].append((time.perf_counter() - start_wall) / steps)
-            cpu[key].append((time.process_time() - start_cpu) / steps)
-    return wall, cpu
+    def per_step(samples):
+        return {k: [x / steps for x in v] for k, v in samples.items()}
+
+    return per_step(wall), per_step(cpu)
 
 
 def measure_features(case, repeats):
@@ -300,7 +252,7 @@ def measure_features(case, repeats):
         for key, model in models.items()
         if key != "teacher"
     }
-    infer = teacher_inference(models["teacher"])
+    infer = common.teacher_inference(models["teacher"])
     batches = [
         ops.convert_to_tensor(x[i : i + batch]) for i in range(0, len(x), batch)
     ]
@@ -444,15 +396,7 @@ def run_benchmark(args):
         ]
     )
     common.write_fragment(NAME, text, args.results_dir)
-    common.write_fragment(
-        NAME, _method_notes(), args.results_dir, per_backend=False
-    )
     print(text)
-
-
-def _method_notes():
-    doc = __doc__.split("\n\n", 1)[1].rsplit("\n\nRun ", 1)[0]
-    return "## Feature and offline distillation\n\n" + doc + "\n"
 
 
 def main(argv=None):

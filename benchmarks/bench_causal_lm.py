@@ -4,7 +4,8 @@
 - `student`: the student keras-hub `LlamaCausalLM`'s own training step
   (`train_on_batch` with its next-token cross-entropy on logits);
 - `teacher`: one teacher forward pass (backbone and head, logits built),
-  compiled as the train functions are (`benchmarks.bench_distiller`);
+  compiled as the train functions are
+  (`benchmarks.common.teacher_inference`);
 - `fused`: `keras_kd.CausalLMDistiller.train_on_batch` (no logits built);
 - `dense`: `keras_kd.Distiller` with the same loss on materialized logits.
 
@@ -17,7 +18,6 @@ Run `python -m benchmarks.bench_causal_lm [--quick]`.
 import numpy as np
 
 from benchmarks import common
-from benchmarks.bench_distiller import teacher_inference
 
 NAME = "causal_lm"
 
@@ -89,7 +89,7 @@ def measure(args):
     fused.compile(keras.optimizers.Adam(1e-4), distillation_loss=kl)
     dense = keras_kd.Distiller(student(), teacher)
     dense.compile(keras.optimizers.Adam(1e-4), loss=ce, distillation_loss=kl)
-    infer = teacher_inference(teacher)
+    infer = common.teacher_inference(teacher)
     x_backend = {k: keras.ops.convert_to_tensor(v) for k, v in x.items()}
     samples = common.time_interleaved(
         {

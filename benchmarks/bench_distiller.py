@@ -96,37 +96,6 @@ def mlp(features, hidden, name, classes=CLASSES):
     return keras.Sequential(layers, name=name)
 
 
-def teacher_inference(teacher):
-    """A zero-argument-per-batch teacher forward pass, compiled the way the
-    train functions of the distillers are on this backend."""
-    import keras
-
-    name = keras.backend.backend()
-    if name == "jax":
-        import jax
-
-        trainable = [v.value for v in teacher.trainable_variables]
-        frozen = [v.value for v in teacher.non_trainable_variables]
-
-        @jax.jit
-        def run(x):
-            return teacher.stateless_call(trainable, frozen, x)[0]
-
-        return lambda x: common.block(run(x))
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        run = tf.function(lambda x: teacher(x, training=False))
-        return lambda x: run(x).numpy()
-    import torch
-
-    def run_torch(x):
-        with torch.no_grad():
-            return common.block(teacher(x, training=False))
-
-    return run_torch
-
-
 def ours(student, teacher, lr=1e-3, fused=True):
     import keras
 
@@ -205,7 +174,7 @@ def measure_steps(repeats, t_hidden, s_hidden, classes):
         fresh(t_hidden, "t5", t_weights),
         softmax=True,
     )
-    infer = teacher_inference(fresh(t_hidden, "t3", t_weights))
+    infer = common.teacher_inference(fresh(t_hidden, "t3", t_weights))
     x_backend = keras.ops.convert_to_tensor(x)
     samples = common.time_interleaved(
         {
@@ -371,7 +340,7 @@ def quality_section(scores, seeds, epochs, teacher_epochs, seconds):
         ["model", "mean accuracy", "std", "min-max"], rows
     )
     return (
-        f"Digits held-out accuracy (810 digits), {seeds} seeds (seed sets "
+        f"Digits held-out accuracy (809 digits), {seeds} seeds (seed sets "
         f"the split, the initial weights and the data order); teacher "
         f"{teacher_epochs} epochs, students {epochs} epochs, Adam 1e-2, "
         f"batch 32; the three students of one seed start from the same "

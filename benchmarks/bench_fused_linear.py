@@ -1,46 +1,44 @@
-"""Fused linear distillation loss against the dense computation.
+"""The fused linear divergence against the dense computation, one backend.
 
-Compares, on the backend named by `KERAS_BACKEND`, one training step's
-loss and gradients (with respect to the student's hidden states and
-kernel) of:
+    KERAS_BACKEND=jax python -m benchmarks.bench_fused_linear [--quick]
+        [--shape TOKENS,HIDDEN,VOCAB] [--chunks 0,256] [--torch-threads N]
+
+One training step's loss and gradients with respect to the student's
+hidden states and kernel, KL at `T = 2`, float32 (the CPU setting; the GPU
+one, bfloat16 with Liger-Kernel alongside, is `benchmarks.bench_gpu`):
 
 - dense: `teacher_hidden @ teacher_kernel` and `student_hidden @
-  student_kernel` materialized, then `keras_kd.ops.kl_divergence`, averaged
-  over tokens, differentiated by the backend's autodiff;
+  student_kernel` materialized, then `keras_kd.ops.kl_divergence`,
+  averaged over tokens, differentiated by the backend's autodiff;
 - fused: `keras_kd.ops.fused_linear_divergence` (no `[tokens, vocab]`
-  tensor), at its default chunk size and at 256 tokens per chunk.
+  tensor) at each chunk size of `--chunks` (0: its default).
 
-Each is run the way `model.fit` runs it by default: `jax.jit`,
-`tf.function(jit_compile=True)`, eager torch. Reported: the median time of
-a forward+backward step (with quartiles), the growth of the process's peak
-resident memory during the first step, the relative error of the loss against a
-float64 NumPy computation, and on JAX the compiled programs' scratch memory
-(`memory_analysis().temp_size_in_bytes`) at two token counts, to show that
-the fused op's memory does not grow with the token count.
+Each compiled as `model.fit` compiles it on a CPU's fastest setting:
+`jax.jit`, `tf.function(jit_compile=True)`, eager torch. Reported: the
+median step time (quartiles) of interleaved rounds, the speed-up over
+dense (ratio of medians), the peak resident-memory growth of the first
+step in a fresh process per implementation (glibc's mmap threshold fixed),
+the loss's relative error against float64 NumPy, and on JAX the compiled
+programs' scratch (`memory_analysis().temp_size_in_bytes`) at two token
+counts: flat in the token count for the fused op.
 
-Run by hand, once per backend (a few minutes each on a 2-core CPU):
-
-    KERAS_BACKEND=jax python -m benchmarks.bench_fused_linear
-    KERAS_BACKEND=tensorflow python -m benchmarks.bench_fused_linear
-    KERAS_BACKEND=torch python -m benchmarks.bench_fused_linear
-    KERAS_BACKEND=torch python -m benchmarks.bench_fused_linear \
-        --torch-threads 1
-
-It prints markdown; it writes no file. `--quick` is a smoke run;
-`--memory-case NAME --shape T,H,V` is the child process that measures one
-implementation's first-call memory in a fresh interpreter.
+`--memory-case LABEL` is the child process that measures one
+implementation's first-call memory.
 """
 
-import json
+import argparse
 
 import numpy as np
 
 from benchmarks import common
 
+NAME = "fused_linear"
 T = 2.0
+DENSE = "dense (logits + kl_divergence)"
 
 
 def make_inputs(tokens, hidden, vocab, seed=0):
+    """Student hidden, kernel, teacher hidden, kernel: float32 NumPy."""
     rng = np.random.default_rng(seed)
     scale = 1.0 / np.sqrt(hidden)
     return [
@@ -51,78 +49,43 @@ def make_inputs(tokens, hidden, vocab, seed=0):
     ]
 
 
-def losses():
+def chunk_label(chunk):
+    return f"fused, chunk {'default' if chunk is None else chunk}"
+
+
+def losses(chunks, temperature=T, logits_dtype=None):
+    """label -> `(hs, ks, ht, kt) -> scalar`: dense keras-kd, then the
+    fused op at each chunk size. `logits_dtype` casts the dense logits
+    (float32 for a bfloat16 model, as a training step does)."""
     from keras import ops
 
-    from keras_kd import ops as kd
+    import keras_kd
 
     def dense(hs, ks, ht, kt):
         zs, zt = ops.matmul(hs, ks), ops.matmul(ht, kt)
-        return ops.mean(kd.kl_divergence(zt, zs, temperature=T))
+        if logits_dtype is not None:
+            zs, zt = ops.cast(zs, logits_dtype), ops.cast(zt, logits_dtype)
+        rows = keras_kd.ops.kl_divergence(zt, zs, temperature=temperature)
+        return ops.mean(rows)
 
-    def fused(chunk_size):
-        def loss(hs, ks, ht, kt):
-            return kd.fused_linear_divergence(
-                hs, ks, ht, kt, temperature=T, chunk_size=chunk_size
+    found = {DENSE: dense}
+    for chunk in chunks:
+
+        def fused(hs, ks, ht, kt, chunk=chunk):
+            return keras_kd.ops.fused_linear_divergence(
+                hs, ks, ht, kt, temperature=temperature, chunk_size=chunk
             )
 
-        return loss
-
-    return {
-        "dense": dense,
-        "fused": fused(None),
-        "fused256": fused(256),
-    }
-
-
-LABELS = {
-    "dense": "dense (logits + kl_divergence)",
-    "fused": "fused, default chunk",
-    "fused256": "fused, 256-token chunks",
-}
+        found[chunk_label(chunk)] = fused
+    return found
 
 
 def step(loss_fn):
-    """`run(hs, ks, ht, kt) -> (loss, (d hs, d ks))`, compiled as
-    `model.fit` compiles it, blocking until done."""
-    name = common.backend()
-    if name == "jax":
-        import jax
-
-        compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
-
-        def run(*args):
-            return common.block(compiled(*args))
-
-        run.lower = compiled.lower
-        return run
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        @tf.function(jit_compile=True)
-        def compiled(hs, ks, ht, kt):
-            with tf.GradientTape() as tape:
-                tape.watch([hs, ks])
-                value = loss_fn(hs, ks, ht, kt)
-            return value, tape.gradient(value, [hs, ks])
-
-        return compiled
-    import torch
-
-    def run(hs, ks, ht, kt):
-        hs = hs.detach().requires_grad_(True)
-        ks = ks.detach().requires_grad_(True)
-        value = loss_fn(hs, ks, ht, kt)
-        grads = torch.autograd.grad(value, [hs, ks])
-        # On a GPU: wait for the kernels, or the timing reads the launch.
-        return common.block((value.detach(), grads))
-
-    return run
+    """`run(hs, ks, ht, kt) -> (loss, (d hs, d ks))`, blocking."""
+    return common.value_and_grad(loss_fn, argnums=(0, 1), jit_compile=True)
 
 
-def reference(hs, ks, ht, kt):
-    """The loss in float64 NumPy."""
-
+def float64_loss(hs, ks, ht, kt):
     def log_softmax(z):
         z = z - z.max(-1, keepdims=True)
         return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -133,152 +96,142 @@ def reference(hs, ks, ht, kt):
     return T * T * float(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
 
 
-def first_call_memory(case, tokens, hidden, vocab):
-    """Peak RSS growth of the first step of `case`, in a fresh process (no
+def memory_child(args):
+    """Child process: peak RSS growth of the first step of one case (no
     memory left over from another implementation; TensorFlow's allocator
     keeps what a call freed, so only a first call shows its peak)."""
+    tensors = [common.to_tensor(x) for x in make_inputs(*args.shape)]
+    run = step(losses(args.chunks)[args.memory_case])
+    common.print_json({"bytes": common.peak_rss_growth(lambda: run(*tensors))})
+
+
+def timing_table(args, repeats):
     from keras import ops
 
-    tensors = [
-        ops.convert_to_tensor(x) for x in make_inputs(tokens, hidden, vocab)
-    ]
-    run = step(losses()[case])
-    return common.peak_rss_growth(lambda: run(*tensors))
-
-
-def timing_table(tokens, hidden, vocab, repeats):
-    from keras import ops
-
-    arrays = make_inputs(tokens, hidden, vocab)
-    tensors = [ops.convert_to_tensor(x) for x in arrays]
-    truth = reference(*arrays)
-    fns, rows = {}, []
-    for case, loss_fn in losses().items():
+    arrays = make_inputs(*args.shape)
+    tensors = [common.to_tensor(x) for x in arrays]
+    truth = float64_loss(*arrays)
+    fns, rows = {}, {}
+    child_args = ["--shape", ",".join(map(str, args.shape))]
+    child_args += ["--chunks", ",".join(str(c or 0) for c in args.chunks)]
+    if args.torch_threads:
+        child_args += ["--torch-threads", str(args.torch_threads)]
+    for label, loss_fn in losses(args.chunks).items():
         memory = common.run_child(
             "benchmarks.bench_fused_linear",
-            ["--memory-case", case, "--shape", f"{tokens},{hidden},{vocab}"],
+            ["--memory-case", label, *child_args],
             # glibc keeps freed blocks below its (adaptive) mmap threshold
-            # in the heap: without a fixed threshold the RSS of many 8 MiB
-            # chunk temporaries shows the allocator, not the live tensors.
+            # in the heap: without a fixed threshold the RSS of many chunk
+            # temporaries shows the allocator, not the live tensors.
             env={"MALLOC_MMAP_THRESHOLD_": str(2**20)},
         )["bytes"]
         run = step(loss_fn)
         value = float(ops.convert_to_numpy(run(*tensors)[0]))
-        fns[case] = lambda run=run: run(*tensors)
-        error = common.fmt(abs(value - truth) / truth, 2)
-        rows.append([case, None, f"{memory / 2**20:.0f}", error])
+        fns[label] = lambda run=run: run(*tensors)
+        rows[label] = (memory, abs(value - truth) / truth)
     samples = common.time_interleaved(fns, repeats, warmup=1)
-    dense_median = common.summary(samples["dense"])[0]
-    for row in rows:
-        median = common.summary(samples[row[0]])[0]
-        row[1] = common.format_ms(samples[row[0]])
-        row.insert(2, common.fmt(dense_median / median, 2))
-        row[0] = LABELS[row[0]]
+    dense = common.median(samples[DENSE])
+    table = [
+        [
+            label,
+            common.format_ms(samples[label]),
+            common.fmt(dense / common.median(samples[label]), 2),
+            f"{memory / 2**20:.0f}",
+            f"{error:.1e}",
+        ]
+        for label, (memory, error) in rows.items()
+    ]
     header = [
         "implementation",
-        "forward+backward ms, median (quartiles)",
+        "fwd + bwd ms",
         "speed-up over dense",
-        "peak RSS growth MB, first call",
+        "peak RSS growth MiB, first call",
         "loss rel. error vs float64",
     ]
-    return common.markdown_table(header, rows)
+    return common.markdown_table(header, table)
 
 
-def jax_memory_table(token_counts, hidden, vocab):
+def jax_scratch_table(args, token_counts):
+    """Compiled scratch of each step at several token counts."""
     import jax
     import jax.numpy as jnp
 
+    _, hidden, vocab = args.shape
     rows = []
     for tokens in token_counts:
         shapes = [(tokens, hidden), (hidden, vocab)] * 2
         specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-        one = tokens * vocab * 4
-        for case, loss_fn in losses().items():
+        for label, loss_fn in losses(args.chunks).items():
             compiled = step(loss_fn).lower(*specs).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
             rows.append(
                 [
                     str(tokens),
-                    LABELS[case],
+                    label,
                     f"{temp / 2**20:.1f}",
-                    common.fmt(temp / one, 2),
+                    common.fmt(temp / (tokens * vocab * 4), 2),
                 ]
             )
     header = [
         "tokens",
         "implementation",
-        "temp_size_in_bytes (MiB)",
+        "scratch MiB",
         "/ one float32 [tokens, vocab]",
     ]
     return common.markdown_table(header, rows)
 
 
-def _memory_arguments(parser):
-    parser.add_argument("--memory-case", choices=sorted(LABELS))
-    parser.add_argument("--shape", help="tokens,hidden,vocab")
+def add_arguments(parser):
+    parser.add_argument(
+        "--shape", default=None, help="tokens,hidden,vocab (2048,256,32000)"
+    )
+    parser.add_argument(
+        "--chunks", default="0,256", help="chunk sizes, 0 for the default"
+    )
+    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
         "--torch-threads",
         type=int,
         help="torch intra-op threads (on a loaded machine, 1 avoids "
         "threads waiting on each other at every small op)",
     )
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
 
 
 def main(argv=None):
-    args = common.parse_args(
-        __doc__.splitlines()[0], argv, add_arguments=_memory_arguments
-    )
-    if args.memory_case:
-        # The child process of `timing_table`: one JSON line.
-        shape = [int(x) for x in args.shape.split(",")]
-        print(
-            json.dumps({"bytes": first_call_memory(args.memory_case, *shape)})
-        )
-        return
-    name = common.backend()
-    if args.quick:
-        tokens, hidden, vocab, repeats, counts = 256, 64, 4000, 3, (256, 512)
-    else:
-        tokens, hidden, vocab, repeats, counts = (
-            2048,
-            256,
-            32000,
-            5,
-            (2048, 8192),
-        )
-    if name == "torch":
+    args = common.parse_args(__doc__.splitlines()[0], argv, add_arguments)
+    quick_shape = "256,64,4000" if args.quick else "2048,256,32000"
+    args.shape = [int(x) for x in (args.shape or quick_shape).split(",")]
+    args.chunks = [int(c) or None for c in args.chunks.split(",")]
+    if common.backend() == "torch" and args.torch_threads:
         import torch
 
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
-        threads = torch.get_num_threads()
-    else:
-        threads = None
+        torch.set_num_threads(args.torch_threads)
+    if args.memory_case:
+        memory_child(args)
+        return
+    repeats = args.repeats or (3 if args.quick else 5)
+    tokens, hidden, vocab = args.shape
     compiled = {
         "jax": "jax.jit",
         "tensorflow": "tf.function(jit_compile=True)",
-        "torch": f"eager, {threads} threads",
-    }[name]
+        "torch": "eager",
+    }[common.backend()]
     lines = [
         common.fragment_heading("Fused linear divergence").rstrip(),
-        "",
-        f"{common.machine_summary()}.",
-        "",
-        f"One step (loss and gradients w.r.t. student hidden states and "
-        f"kernel), {tokens} tokens, hidden {hidden}, vocabulary {vocab}, "
-        f"float32, KL at T = {T}, {compiled}; {repeats} interleaved "
+        f"One step, {tokens} tokens, hidden {hidden}, vocabulary {vocab}, "
+        f"float32, KL at T = {T:g}, {compiled}; {repeats} interleaved "
         "rounds.",
-        "",
-        timing_table(tokens, hidden, vocab, repeats),
+        timing_table(args, repeats),
     ]
-    if name == "jax":
+    if common.backend() == "jax":
         lines += [
-            "",
-            "Compiled scratch memory (XLA `memory_analysis()`), same step:",
-            "",
-            jax_memory_table(counts, hidden, vocab),
+            "Compiled scratch (XLA `memory_analysis()`), same step:",
+            jax_scratch_table(args, (tokens, 4 * tokens)),
         ]
-    print("\n".join(lines))
+    text = "\n\n".join(lines) + "\n"
+    print(text)
+    common.write_fragment(NAME, text, args.results_dir)
 
 
 if __name__ == "__main__":

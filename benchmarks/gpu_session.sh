@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check of issues 10 and 11 as one call on a lent GPU machine (the
-# machine has torch, JAX, pytest and Triton, no TensorFlow, no network):
+# The GPU check as one call on a lent GPU machine (torch, JAX, pytest and
+# Triton there; no TensorFlow, no network):
 #
 #   bash benchmarks/gpu_session.sh
+#
+# 1. `benchmarks.bench_gpu` on torch, then on JAX, on a quiet machine;
+# 2. the test folders of SUITE_PATHS (default: tests/ops tests/lm
+#    tests/distillers; SUITE_PATHS=tests for everything) on torch and JAX
+#    side by side;
+# 3. `benchmarks.bench_causal_lm` at a GPU size on torch, then on JAX.
 #
 # Wheels of what the machine lacks (keras, namex, optree, keras-hub,
 # liger-kernel; not kagglehub, which keras-hub imports only when present
 # and which fails there without kagglesdk) are installed from .whl/ when
-# that folder exists. Logs and markdown fragments go to $OUT (default /tmp/gpu_out).
-# QUICK=1 makes every step a smoke run and NO_WHEELS=1 skips the wheels
-# (for rehearsing on a CPU with PY=.venv/bin/python).
-# Order: the benchmarks first, on a quiet machine; then the torch and JAX
-# suites side by side; then the CausalLMDistiller step.
+# that folder exists. Logs and markdown fragments go to $OUT (default
+# /tmp/gpu_out); the fragments are bench_gpu's and bench_causal_lm's
+# `<name>_<backend>.md`.
+#
+# Rehearsal on a CPU: QUICK=1 makes every benchmark a smoke run and only
+# collects the tests; NO_WHEELS=1 skips the wheels:
+#
+#   QUICK=1 NO_WHEELS=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PY:-python3}
@@ -23,7 +32,10 @@ if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 quick=${QUICK:+--quick}
+# A smoke run on a CPU is slower than the real run on a GPU.
+[ -n "$quick" ] && slack=600 || slack=
 log="$OUT/bench.log"
+: >"$log"
 
 step() {  # step SECONDS COMMAND...: run with a limit, log its status
   local limit=$1
@@ -40,20 +52,30 @@ step() {  # step SECONDS COMMAND...: run with a limit, log its status
 'jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
 } >>"$log" 2>&1
 
-step "${BENCH_TORCH_S:-120}" env KERAS_BACKEND=torch \
-  $PY -m benchmarks.bench_gpu $quick --results-dir "$OUT/results"
-step "${BENCH_JAX_S:-150}" env KERAS_BACKEND=jax \
-  $PY -m benchmarks.bench_gpu $quick --results-dir "$OUT/results"
+for backend in torch jax; do
+  limit_var=BENCH_${backend^^}_S
+  default=$([ "$backend" = torch ] && echo 120 || echo 150)
+  step "${!limit_var:-${slack:-$default}}" env KERAS_BACKEND=$backend \
+    $PY -m benchmarks.bench_gpu $quick --results-dir "$OUT/results"
+done
 
-# The suites: every test's outcome on its own line (-v), so a run cut at
-# its limit still says what passed; JAX must not take 75% of the GPU in
-# each worker.
+# Every test's outcome on its own line (-v), so that a run cut at its
+# limit still says what passed; JAX must not take 75% of the GPU in each
+# worker. QUICK=1 only collects (on a CPU the suites would take long).
 suite() {  # suite BACKEND WORKERS
-  local extra=()
-  $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
+  local extra=() paths=()
+  for path in ${SUITE_PATHS:-tests/ops tests/lm tests/distillers}; do
+    [ -e "$path" ] && paths+=("$path")
+  done
+  if [ -n "$quick" ]; then
+    extra+=(--collect-only -q)
+  else
+    extra+=(-v -n "$2")
+    $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
+  fi
   env KERAS_BACKEND="$1" XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout "${SUITE_S:-160}" $PY -m pytest -v -n "$2" -p no:cacheprovider \
-    "${extra[@]}" ${SUITE_ARGS:-} >"$OUT/test_$1.log" 2>&1
+    timeout "${SUITE_S:-${slack:-160}}" $PY -m pytest -p no:cacheprovider \
+    "${extra[@]}" ${SUITE_ARGS:-} "${paths[@]}" >"$OUT/test_$1.log" 2>&1
   echo "=== rc=$?" >>"$OUT/test_$1.log"
 }
 suite torch "${WORKERS:-6}" &
@@ -63,9 +85,9 @@ wait
 lm_args=(--vocab 32000 --length 512 --batch 8 --teacher 6x768
   --student 2x384 --dtype-policy mixed_bfloat16 --repeats 10)
 [ -n "$quick" ] && lm_args=(--quick)
-step "${LM_TORCH_S:-50}" env KERAS_BACKEND=torch \
+step "${LM_TORCH_S:-${slack:-50}}" env KERAS_BACKEND=torch \
   $PY -m benchmarks.bench_causal_lm "${lm_args[@]}" --results-dir "$OUT/results"
-step "${LM_JAX_S:-70}" env KERAS_BACKEND=jax \
+step "${LM_JAX_S:-${slack:-70}}" env KERAS_BACKEND=jax \
   $PY -m benchmarks.bench_causal_lm "${lm_args[@]}" --results-dir "$OUT/results"
-grep -h -E "passed|failed|=== rc" "$OUT"/test_*.log | tail -6
-tail -5 "$log"
+grep -h -E "^=+ .*(passed|failed|error)|collected in|^=== rc" "$OUT"/test_*.log | tail -6
+grep -E "^=== " "$log" | tail -8

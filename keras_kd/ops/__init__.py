@@ -20,7 +20,7 @@ Conventions shared by all functions:
 - Two paths, chosen by `precise=None | True | False` on every divergence
   and its Loss class (`None`: the fast path, since the precise path's
   extra passes over the logits were measurable on every backend and
-  device tried, an H200 included; BENCHMARKS.md, "Loss engine"). Both
+  device tried, an H200 included; BENCHMARKS.md, "KL on logits (CPU)"). Both
   are never negative and take the closed-form gradient
   (`keras.ops.custom_gradient`; second order: `_gradients.py`).
 - Accuracy of the fast path, checked against float64 by the test suite:

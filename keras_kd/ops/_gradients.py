@@ -38,11 +38,12 @@ def resolve_precise(precise):
 
     `None` is the precise path where it costs nothing measurable, and
     that is nowhere measured so far, so `None` is the fast path. On a CPU
-    (BENCHMARKS.md, "Loss engine") the precise path takes 1.3x
-    to 2.8x the fast path's time under XLA (XLA's CPU reductions read
-    stored arrays, and the precise path stores more of them), 3.8x in
-    TensorFlow graphs without XLA (how `model.fit` runs on a CPU), 6x to 8x
-    in eager torch. On an NVIDIA H200 (BENCHMARKS.md, "GPU") it takes
+    (BENCHMARKS.md, "KL on logits (CPU)" and "Other divergences (CPU)")
+    the precise path takes 1.15x to 1.8x the fast path's time under XLA
+    on JAX (XLA's CPU reductions read stored arrays, and the precise path
+    stores more of them), 1.8x to 4.5x in TensorFlow graphs without XLA
+    (how `model.fit` runs on a CPU), 2.6x to 8.8x in eager torch. On an
+    NVIDIA H200 (BENCHMARKS.md, "GPU") it takes
     1.4x (KL, symmetric KL) to 2.3x (GlobalPointer) under `jax.jit`,
     where XLA's fusion was expected to hide it, and 2.4x to 4.5x in eager
     torch.
