@@ -18,6 +18,8 @@ from keras_kd import _checks
 
 
 def check_causal_lm(name, model):
+    """`model` if it is a keras-hub `CausalLM` whose logits keras-kd can
+    compute from its hidden states, else a `ValueError` naming `name`."""
     _checks.model(name, model)
     backbone = getattr(model, "backbone", None)
     head = getattr(backbone, "token_embedding", None)
@@ -28,25 +30,52 @@ def check_causal_lm(name, model):
             "e.g. `keras_hub.models.LlamaCausalLM`)",
             model,
         )
+    output_head(model, name)
     return model
 
 
-def output_head(model):
+def output_head(model, name="model"):
     """`(kernel, layout, soft_cap)` of a keras-hub CausalLM's output head.
 
     The head is the backbone's `token_embedding` used in reverse: a tied
     embedding `[vocab, hidden]` (layout `"vh"`, used through its transpose
     without a copy) or an untied reverse kernel `[hidden, vocab]`
-    (`"hv"`), and Gemma's final logit soft-cap, if any.
+    (`"hv"`), and the tanh soft cap on the logits, if any: the
+    embedding's `logit_soft_cap` (Gemma 2 and 3) or the task's
+    `final_logit_cap` (Gemma 4).
+
+    A head whose logits are not `soft_cap(hidden @ kernel)` is refused
+    with a `ValueError` naming `name` rather than computed wrongly: a
+    quantized head (its kernel holds integers, and its inputs are
+    quantized too) and a head capped twice.
     """
     head = model.backbone.token_embedding
-    if getattr(head, "tie_weights", True):
-        return head.embeddings, "vh", getattr(head, "logit_soft_cap", None)
-    return (
-        head.reverse_embeddings,
-        "hv",
+    mode = getattr(head, "quantization_mode", None)
+    if mode is not None:
+        raise _checks.invalid(
+            name,
+            "a CausalLM whose output head is not quantized (the fused "
+            "kernels compute the logits from a float kernel; quantize the "
+            f"student after distillation), not one quantized to {mode!r}",
+            model,
+        )
+    caps = [
         getattr(head, "logit_soft_cap", None),
-    )
+        getattr(model, "final_logit_cap", None),
+    ]
+    caps = [cap for cap in caps if cap is not None]
+    if len(caps) > 1:
+        raise _checks.invalid(
+            name,
+            "a CausalLM with at most one soft cap on its logits, not two "
+            f"(its embedding's logit_soft_cap={caps[0]} and its "
+            f"final_logit_cap={caps[1]})",
+            model,
+        )
+    cap = caps[0] if caps else None
+    if getattr(head, "tie_weights", True):
+        return head.embeddings, "vh", cap
+    return head.reverse_embeddings, "hv", cap
 
 
 # Strings per preprocessor call: bounds the eager call's temporaries.

@@ -261,9 +261,9 @@ class CausalLMDistiller(Distiller):
 
     def _online_terms(self, x, y, y_pred, mask):
         loss = self.distillation_loss
-        kernel, layout, cap = hub.output_head(self.student)
+        kernel, layout, cap = hub.output_head(self.student, "student")
         teacher_kernel, teacher_layout, teacher_cap = hub.output_head(
-            self.teacher
+            self.teacher, "teacher"
         )
         arguments = dict(
             mask=mask,
@@ -296,7 +296,7 @@ class CausalLMDistiller(Distiller):
         )
 
     def _offline_terms(self, x, y, y_pred, mask):
-        kernel, layout, cap = hub.output_head(self.student)
+        kernel, layout, cap = hub.output_head(self.student, "student")
         *teacher, cached_temperature = self.teacher_predictions(x)
         arguments = dict(
             mask=mask,
