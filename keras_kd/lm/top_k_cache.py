@@ -138,7 +138,8 @@ def cache_causal_lm_top_k(
     ```
     """
     check_causal_lm("teacher", teacher)
-    kernel, layout, _ = output_head(teacher, "teacher")
+    output = output_head(teacher, "teacher")
+    kernel, layout, _ = output
     full = kernel.shape[1 if layout == "hv" else 0]
     if vocabulary_size is None:
         vocabulary_size = full
@@ -177,7 +178,7 @@ def cache_causal_lm_top_k(
     }
     stored[TEMPERATURE][:] = temperature
     backbone = teacher.backbone
-    head = _TopKHead(output_head(teacher, "teacher"), k, temperature, vocab)
+    head = _TopKHead(output, k, temperature, vocab)
     model = keras.Model(backbone.input, head(backbone.output))
     for start in range(0, rows, batch_size):
         stop = min(start + batch_size, rows)

@@ -70,6 +70,19 @@ def weight(name, value):
     return _checks.fraction(name, value)
 
 
+def checked_temperature(value):
+    """A valid temperature: a Python float, or a scalar tensor."""
+    value = validate_temperature(value)
+    return value if isinstance(value, float) else tensor(value)
+
+
+def checked_chunk_size(value):
+    """`None` (the default size), or a whole number of tokens >= 1."""
+    if value is None:
+        return None
+    return _checks.integer("chunk_size", value, low=1)
+
+
 def student_inputs(hidden, kernel, labels, mask, options):
     """Checks the student's side of a fused loss.
 
@@ -83,12 +96,8 @@ def student_inputs(hidden, kernel, labels, mask, options):
         `(student, cfg, vocab)`: the inputs and the static options of
         `_chunk_engine.fused_loss`, and the student's vocabulary size.
     """
-    temperature = validate_temperature(options["temperature"])
-    if not isinstance(temperature, float):
-        temperature = tensor(temperature)
-    chunk_size = options["chunk_size"]
-    if chunk_size is not None:
-        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
+    temperature = checked_temperature(options["temperature"])
+    chunk_size = checked_chunk_size(options["chunk_size"])
     layout = options["student_kernel_layout"]
     hidden, kernel = tensor(hidden), tensor(kernel)
     vocab = kernel_vocab("student_kernel", kernel, layout, hidden)

@@ -30,7 +30,6 @@ from keras_kd.ops._core import (
     compute_dtype,
     dtype_of,
     matmul_dtype,
-    validate_temperature,
 )
 from keras_kd.ops._fused_linear_math import soft_cap
 from keras_kd.ops._top_k_buckets import top_k_buckets
@@ -294,11 +293,8 @@ def fused_linear_top_k(
     ...     np.ones((2, 7, 4)), np.zeros((4, 11)), k=3)
     >>> # log_probs: log(1 / 11) each; tail: log(8 / 11)
     """
-    temperature = validate_temperature(temperature)
-    if not isinstance(temperature, float):
-        temperature = args.tensor(temperature)
-    if chunk_size is not None:
-        chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
+    temperature = args.checked_temperature(temperature)
+    chunk_size = args.checked_chunk_size(chunk_size)
     hidden, kernel = args.tensor(hidden), args.tensor(kernel)
     full = args.kernel_vocab("kernel", kernel, kernel_layout, hidden)
     vocab = full
