@@ -1,7 +1,8 @@
 """Everything keras-kd knows about keras-hub models: which models it takes,
 where their output head is, and how raw text becomes training arrays.
 
-Raw text for `CausalLMDistiller.fit` and `evaluate`: keras-hub's own
+Raw text for `CausalLMDistiller.fit` and `evaluate` (strings, or
+`{"prompts", "responses"}` pairs): keras-hub's own
 `CausalLM.fit` maps its preprocessor over a `tf.data` pipeline, which
 needs `tensorflow-text` on every backend. Here the student's preprocessor
 runs eagerly, once, over blocks of the strings (keras-hub tokenizes
@@ -101,12 +102,7 @@ def _is_string(item):
 def preprocess(preprocessor, texts):
     """`(x, y, sample_weight)` NumPy arrays from the student's keras-hub
     `CausalLMPreprocessor` over `texts`."""
-    if isinstance(texts, (str, bytes)):
-        texts = [texts]
-    texts = [
-        t.decode("utf-8") if isinstance(t, bytes) else str(t)
-        for t in np.asarray(texts, dtype=object).ravel()
-    ]
+    texts = _strings(texts)
     parts = []
     for start in range(0, len(texts), _BLOCK):
         x, y, weights = preprocessor(texts[start : start + _BLOCK])
@@ -121,3 +117,135 @@ def preprocess(preprocessor, texts):
     y = np.concatenate([p[1] for p in parts])
     weights = np.concatenate([p[2] for p in parts])
     return x, y, weights
+
+
+def is_text_pairs(x):
+    """Whether `x` is `{"prompts": text}` or `{"prompts", "responses"}`."""
+    return (
+        isinstance(x, dict)
+        and "prompts" in x
+        and set(x) <= {"prompts", "responses"}
+        and all(is_text(v) for v in x.values())
+    )
+
+
+def is_raw_text(x):
+    return is_text(x) or is_text_pairs(x)
+
+
+def text_arrays(distiller, x, y, fit_kwargs, name):
+    """`(x, y, fit_kwargs)` with raw text `x` tokenized by the student's
+    preprocessor (its labels and weights in `y` and `sample_weight`);
+    anything else unchanged."""
+    if not is_raw_text(x):
+        return x, y, fit_kwargs
+    weights = fit_kwargs.get("sample_weight")
+    if y is not None or weights is not None:
+        raise ValueError(
+            f"With raw text in `{name}` the student's preprocessor makes the "
+            "labels and the sample weights: pass neither `y` nor "
+            f"`sample_weight`. Received: y={_short(y)}, "
+            f"sample_weight={_short(weights)}"
+        )
+    preprocessor = getattr(distiller.student, "preprocessor", None)
+    if preprocessor is None:
+        raise ValueError(
+            f"`{name}` holds raw text, but the student has no "
+            "preprocessor to tokenize it: build it with one (e.g. "
+            "`LlamaCausalLMPreprocessor`), or pass token arrays "
+            f"`{{'token_ids', 'padding_mask'}}`. Received: {name}="
+            f"{_short(x)}"
+        )
+    if distiller.teacher is None:
+        raise ValueError(
+            f"`{name}` holds raw text, but offline distillation reads "
+            "the teacher's cached top-k arrays from `x` beside the "
+            "token ids: preprocess the text, cache the teacher with "
+            f"`cache_causal_lm_top_k` and pass both. Received: {name}="
+            f"{_short(x)}"
+        )
+    if is_text(x):
+        x, y, weights = preprocess(preprocessor, x)
+    else:
+        x, y, weights = preprocess_pairs(
+            preprocessor, x["prompts"], x.get("responses"), name
+        )
+    return x, y, dict(fit_kwargs, sample_weight=weights)
+
+
+def prompts(preprocessor, texts):
+    """`{"token_ids", "padding_mask"}` of prompts only (no labels)."""
+    if preprocessor is None:
+        raise ValueError(
+            "Raw prompts need a student with a preprocessor to tokenize "
+            "them; pass `{'token_ids', 'padding_mask'}` arrays instead. "
+            f"Received: x={_short(texts)}"
+        )
+    return preprocess_pairs(preprocessor, texts, None, "x")[0]
+
+
+def preprocess_pairs(preprocessor, prompts, responses, name):
+    """`(x, y, sample_weight)` NumPy arrays for prompt and response pairs.
+
+    Each row is the start token, the prompt's tokens, the response's and
+    the end token (the start and end tokens as the preprocessor adds
+    them), cut to the preprocessor's `sequence_length + 1` tokens; only
+    labels that are response tokens or the end token are weighted. Without
+    responses the rows are prompts alone, with no end token (as keras-hub
+    prepares prompts for `generate`), and `y` is `None`.
+    """
+    prompts = _strings(prompts)
+    if responses is not None:
+        responses = _strings(responses)
+        if len(responses) != len(prompts):
+            raise ValueError(
+                f"`{name}` needs one response per prompt. Received: "
+                f"{len(prompts)} prompts and {len(responses)} responses"
+            )
+    tokenizer = preprocessor.tokenizer
+    length = int(preprocessor.sequence_length)
+    start = [tokenizer.start_token_id] if preprocessor.add_start_token else []
+    end = [tokenizer.end_token_id] if preprocessor.add_end_token else []
+    pad = tokenizer.pad_token_id or 0
+    tokens = np.full((len(prompts), length + 1), pad, "int32")
+    real = np.zeros((len(prompts), length + 1), bool)
+    trained = np.zeros((len(prompts), length + 1), bool)
+    prompt_ids = _token_lists(tokenizer, prompts)
+    answer_ids = (
+        _token_lists(tokenizer, responses) if responses is not None else None
+    )
+    for i, ids in enumerate(prompt_ids):
+        head = start + ids
+        tail = answer_ids[i] + end if answer_ids is not None else []
+        row = (head + tail)[: length + 1]
+        tokens[i, : len(row)] = row
+        real[i, : len(row)] = True
+        trained[i, len(head) : len(row)] = True
+    x = {"token_ids": tokens[:, :-1], "padding_mask": real[:, :-1]}
+    if responses is None:
+        return x, None, np.zeros((len(prompts), length), "float32")
+    return x, tokens[:, 1:], trained[:, 1:].astype("float32")
+
+
+def _strings(texts):
+    if isinstance(texts, (str, bytes)):
+        texts = [texts]
+    return [
+        t.decode("utf-8") if isinstance(t, bytes) else str(t)
+        for t in np.asarray(texts, dtype=object).ravel()
+    ]
+
+
+def _token_lists(tokenizer, texts):
+    out = []
+    for start in range(0, len(texts), _BLOCK):
+        ids = tokenizer(texts[start : start + _BLOCK])
+        if hasattr(ids, "to_list"):  # a tf.RaggedTensor
+            ids = ids.to_list()
+        out.extend([int(i) for i in row] for row in ids)
+    return out
+
+
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

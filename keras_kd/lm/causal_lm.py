@@ -2,11 +2,12 @@
 larger one, or from its cached top-k outputs, without building either
 model's logits."""
 
+import keras
+import numpy as np
 from keras import ops
 
 from keras_kd import _checks
-from keras_kd import losses as kd_losses
-from keras_kd import ops as kd_ops
+from keras_kd._keras_compat import LossTrackers
 from keras_kd._model_utils import (
     batch_size,
     frozen_call,
@@ -17,26 +18,9 @@ from keras_kd._model_utils import (
 from keras_kd.api import export
 from keras_kd.distillers.distiller import Distiller
 from keras_kd.lm import _keras_hub as hub
+from keras_kd.lm import _loss_terms as loss_terms
 from keras_kd.lm import top_k_cache
-
-# The divergences the fused language-model ops compute.
-_FUSED_DIVERGENCES = ("kl", "reverse_kl", "jsd")
-
-
-def _divergence_of(loss):
-    if (
-        isinstance(loss, kd_losses.DivergenceLoss)
-        and loss.divergence in _FUSED_DIVERGENCES
-        and getattr(loss, "from_logits", True)
-    ):
-        return loss.divergence
-    raise _checks.invalid(
-        "distillation_loss",
-        "`keras_kd.losses.KLDivergence`, `ReverseKLDivergence` or "
-        "`JensenShannonDivergence` on logits (the losses the fused "
-        "language-model kernels compute)",
-        loss,
-    )
+from keras_kd.lm._generation import SOURCES, ResponsePlan
 
 
 @export
@@ -113,7 +97,9 @@ class CausalLMDistiller(Distiller):
     ```
     """
 
-    def __init__(self, student, teacher=None, chunk_size=None, **kwargs):
+    def __init__(
+        self, student, teacher=None, chunk_size=None, seed=None, **kwargs
+    ):
         hub.check_causal_lm("student", student)
         if teacher is not None:
             hub.check_causal_lm("teacher", teacher)
@@ -121,64 +107,57 @@ class CausalLMDistiller(Distiller):
         if chunk_size is not None:
             chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
         self.chunk_size = chunk_size
+        if seed is not None:
+            seed = _checks.integer("seed", seed, low=0)
+        self.seed = seed
+        # Every generation draw comes from here; its state is saved with
+        # the distiller's weights, so a reloaded run resumes its stream.
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.generated_length_tracker = keras.metrics.Mean(
+            name="generated_length"
+        )
+        self._generated_term = LossTrackers(
+            [self.generated_length_tracker], name="generated_length_term"
+        )
+        self._responses = None
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`; `x` may also be raw text (a list or array of
-        strings), tokenized by the student's keras-hub preprocessor into
-        token ids, next-token labels and the padding mask as
-        `sample_weight` (then give no `y` nor `sample_weight`).
+        """`keras.Model.fit`; `x` may also be raw text, tokenized by the
+        student's keras-hub preprocessor (then give no `y` nor
+        `sample_weight`): a list or array of strings (every token after
+        the first is trained on), or `{"prompts": [...], "responses":
+        [...]}` (only the responses and their end token are weighted; the
+        responses may be left out when every step generates them).
         `validation_data` may be raw text too."""
-        x, y, kwargs = self._from_text(x, y, kwargs)
-        if hub.is_text(kwargs.get("validation_data")):
-            text = kwargs["validation_data"]
-            kwargs["validation_data"] = self._text_arrays(
-                text, "validation_data"
+        x, y, kwargs = hub.text_arrays(self, x, y, kwargs, "x")
+        data = kwargs.get("validation_data")
+        if hub.is_raw_text(data):
+            data, labels, rest = hub.text_arrays(
+                self, data, None, {}, "validation_data"
             )
+            kwargs["validation_data"] = (data, labels, rest["sample_weight"])
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`; `x` may be raw text, as in `fit`."""
-        x, y, kwargs = self._from_text(x, y, kwargs)
+        x, y, kwargs = hub.text_arrays(self, x, y, kwargs, "x")
         return super().evaluate(x, y, *args, **kwargs)
 
-    def _from_text(self, x, y, kwargs):
-        if not hub.is_text(x):
-            return x, y, kwargs
-        weights = kwargs.get("sample_weight")
-        if y is not None or weights is not None:
-            raise ValueError(
-                "With raw text in `x` the student's preprocessor makes the "
-                "labels and the sample weights: pass neither `y` nor "
-                f"`sample_weight`. Received: y={_short(y)}, "
-                f"sample_weight={_short(weights)}"
-            )
-        x, y, weights = self._text_arrays(x, "x")
-        return x, y, dict(kwargs, sample_weight=weights)
-
-    def _text_arrays(self, text, name):
-        preprocessor = getattr(self.student, "preprocessor", None)
-        if preprocessor is None:
-            raise ValueError(
-                f"`{name}` holds raw text, but the student has no "
-                "preprocessor to tokenize it: build it with one (e.g. "
-                "`LlamaCausalLMPreprocessor`), or pass token arrays "
-                f"`{{'token_ids', 'padding_mask'}}`. Received: {name}="
-                f"{_short(text)}"
-            )
-        if self.teacher is None:
-            raise ValueError(
-                f"`{name}` holds raw text, but offline distillation reads "
-                "the teacher's cached top-k arrays from `x` beside the "
-                "token ids: preprocess the text, cache the teacher with "
-                f"`cache_causal_lm_top_k` and pass both. Received: {name}="
-                f"{_short(text)}"
-            )
-        return hub.preprocess(preprocessor, text)
-
     def call(self, inputs, training=None):
-        """The student's final hidden states `[batch, length, hidden]`."""
+        """The student's final hidden states `[batch, length, hidden]`.
+
+        In a training step that may generate responses the student runs in
+        `compute_loss` instead, on the completed batch (the prompts need
+        the sample weights, which `call` does not see), and this returns an
+        empty `[batch, length, 0]` placeholder."""
+        if training and self._generates():
+            shape = ops.shape(inputs["token_ids"])
+            return ops.zeros((shape[0], shape[1], 0))
         backbone = self.student.backbone
         return backbone(inputs_for(backbone, inputs), training=training)
+
+    def _generates(self):
+        return self._responses is not None and self._responses.generates
 
     def teacher_predictions(self, x):
         """The teacher's final hidden states, gradient-free; without a
@@ -194,13 +173,43 @@ class CausalLMDistiller(Distiller):
         distillation_loss=None,
         alpha=0.1,
         metrics=None,
+        on_policy_fraction=0.0,
+        sequence_kd=False,
+        sampler="random",
+        max_new_tokens=None,
+        stop_token_ids="auto",
         **kwargs,
     ):
         """As `Distiller.compile`, with the next-token cross-entropy built
         in: `loss` must be `None` (it is then computed whenever labels are
         given), and `metrics` are not available (the model outputs hidden
         states; the `student_loss` is the mean next-token cross-entropy, so
-        `exp(student_loss)` is the perplexity)."""
+        `exp(student_loss)` is the perplexity).
+
+        Responses generated in the training step (on-policy and
+        sequence-level distillation): each step one seeded draw lets the
+        student generate the batch's responses with probability
+        `on_policy_fraction`; otherwise the teacher generates them if
+        `sequence_kd`, else the dataset's are used. A row's prompt is its
+        real tokens up to its first positively weighted label (all of them
+        when none is). Generated responses are trained on up to and
+        including the first stop token; the cross-entropy (`alpha`) never
+        applies to the student's own samples. `evaluate` never generates.
+
+        Args:
+            on_policy_fraction: probability in `[0, 1]` that a step trains
+                on the student's own generations.
+            sequence_kd: whether the teacher generates the responses of the
+                other steps (instead of the dataset).
+            sampler: a keras-hub sampler name (`"greedy"`, `"random"`,
+                `"top_k"`, `"top_p"`) or a `keras_hub.samplers.Sampler`.
+                Its temperature is the sampling temperature; the
+                distillation loss's `temperature` is the loss's only.
+            max_new_tokens: most tokens generated per row (`None`: up to
+                the sequence length).
+            stop_token_ids: `"auto"` (the student tokenizer's end token),
+                `None` (no stop token) or a list of ids.
+        """
         if loss is not None:
             raise _checks.invalid(
                 "loss",
@@ -214,6 +223,14 @@ class CausalLMDistiller(Distiller):
                 "None: the distiller's outputs are hidden states, not logits",
                 metrics,
             )
+        responses = ResponsePlan(
+            self,
+            on_policy_fraction=on_policy_fraction,
+            sequence_kd=sequence_kd,
+            sampler=sampler,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+        )
         super().compile(
             optimizer,
             loss=None,
@@ -221,7 +238,8 @@ class CausalLMDistiller(Distiller):
             alpha=alpha,
             **kwargs,
         )
-        divergence = _divergence_of(self.distillation_loss)
+        self._responses = responses
+        divergence = loss_terms.divergence_of(self.distillation_loss)
         if self.teacher is None and divergence != "kl":
             raise _checks.invalid(
                 "distillation_loss",
@@ -240,16 +258,32 @@ class CausalLMDistiller(Distiller):
             )
         if y is not None and is_placeholder(y):
             y = None
-        terms = self._online_terms
+        rows = batch_size(x)
+        alpha, scale = self.alpha, None
+        if training and self._generates():
+            x, y, sample_weight, lengths, cross_entropy_weight = (
+                self._responses.training_batch(self, x, y, sample_weight)
+            )
+            backbone = self.student.backbone
+            y_pred = backbone(inputs_for(backbone, x), training=True)
+            # On the student's own samples the cross-entropy is dropped
+            # and the divergence keeps its weight: (1 - alpha) * D.
+            alpha = alpha * cross_entropy_weight
+            scale = 1.0 - (1.0 - cross_entropy_weight) * self.alpha
+            self.generated_length_tracker.update_state(
+                ops.mean(lengths), sample_weight=rows
+            )
+        terms = loss_terms.online
         if self.teacher is None:
-            terms = self._offline_terms
+            terms = loss_terms.offline
         total, student, distillation = terms(
-            x, y, y_pred, self._token_mask(x, sample_weight)
+            self, x, y, y_pred, self._token_mask(x, sample_weight), alpha
         )
+        if scale is not None:
+            total = total * ops.cast(scale, total.dtype)
         regularization = self._regularization()
         if regularization is not None:
             total = total + ops.cast(regularization, total.dtype)
-        rows = batch_size(x)
         if student is not None:
             self.student_loss_tracker.update_state(
                 unscale_for_replicas(student), sample_weight=rows
@@ -259,71 +293,55 @@ class CausalLMDistiller(Distiller):
         )
         return total
 
-    def _online_terms(self, x, y, y_pred, mask):
-        loss = self.distillation_loss
-        kernel, layout, cap = hub.output_head(self.student, "student")
-        teacher_kernel, teacher_layout, teacher_cap = hub.output_head(
-            self.teacher, "teacher"
-        )
-        arguments = dict(
-            mask=mask,
-            divergence=_divergence_of(loss),
-            beta=getattr(loss, "beta", 0.5),
-            temperature=self.temperature,
-            chunk_size=self.chunk_size,
-            student_kernel_layout=layout,
-            teacher_kernel_layout=teacher_layout,
-            student_logit_soft_cap=cap,
-            teacher_logit_soft_cap=teacher_cap,
-            # The distillation loss's own choice of path.
-            precise=getattr(loss, "precise", None),
-        )
-        teacher_hidden = self.teacher_predictions(x)
-        if y is None:
-            total = kd_ops.fused_linear_divergence(
-                y_pred, kernel, teacher_hidden, teacher_kernel, **arguments
-            )
-            return total, None, ops.stop_gradient(total)
-        return kd_ops.fused_linear_distillation_loss(
-            y_pred,
-            kernel,
-            teacher_hidden,
-            teacher_kernel,
-            y,
-            alpha=self.alpha,
-            return_components=True,
-            **arguments,
-        )
-
-    def _offline_terms(self, x, y, y_pred, mask):
-        kernel, layout, cap = hub.output_head(self.student, "student")
-        *teacher, cached_temperature = self.teacher_predictions(x)
-        arguments = dict(
-            mask=mask,
-            temperature=self.temperature,
-            chunk_size=self.chunk_size,
-            student_kernel_layout=layout,
-            student_logit_soft_cap=cap,
-            teacher_temperature=cached_temperature,
-        )
-        if y is None:
-            total = kd_ops.fused_linear_top_k_divergence(
-                y_pred, kernel, *teacher, **arguments
-            )
-            return total, None, ops.stop_gradient(total)
-        return kd_ops.fused_linear_top_k_distillation_loss(
-            y_pred,
-            kernel,
-            *teacher,
-            y,
-            alpha=self.alpha,
-            return_components=True,
-            **arguments,
-        )
-
     def _loss_terms(self):
         # The built-in cross-entropy is tracked whenever labels come.
         return self._both_terms
+
+    def _extra_terms(self):
+        return [self._generated_term] if self._generates() else []
+
+    def generate_responses(self, x, source="student", sample_weight=None):
+        """The batch a training step would train on, with the responses
+        generated by `source` (`"student"` or `"teacher"`).
+
+        The same computation as the compiled step, with the sampler,
+        `max_new_tokens` and `stop_token_ids` given to `compile`, and the
+        next seed of the distiller's stream (this advances it).
+
+        Args:
+            x: a batch `{"token_ids", "padding_mask"}`, or raw prompts (a
+                list of strings, tokenized by the student's preprocessor).
+            source: `"student"` or `"teacher"`.
+            sample_weight: the batch's label weights; each row's prompt
+                ends at its first positive weight (`None`: the prompt is
+                every real token).
+
+        Returns:
+            `(x, y, sample_weight)` NumPy arrays of the completed batch:
+            token ids and padding mask, next-token labels, and weight 1 on
+            each generated label.
+        """
+        if source not in SOURCES:
+            raise _checks.invalid("source", f"one of {SOURCES}", source)
+        if self._responses is None:
+            raise ValueError(
+                "Call `distiller.compile(...)` before `generate_responses`: "
+                "the sampler and the stop tokens are compile arguments."
+            )
+        if source == "teacher" and self.teacher is None:
+            raise _checks.invalid(
+                "source", '"student" for a distiller without a teacher', source
+            )
+        if hub.is_text(x):
+            x = hub.prompts(self.student.preprocessor, x)
+        x = {k: ops.convert_to_tensor(v) for k, v in x.items()}
+        if sample_weight is not None:
+            sample_weight = ops.convert_to_tensor(sample_weight)
+        x, y, weights, _ = self._responses.responses(
+            self, source, x, sample_weight, self.seed_generator.next()
+        )
+        x = {k: ops.convert_to_numpy(v) for k, v in x.items()}
+        return x, ops.convert_to_numpy(y), ops.convert_to_numpy(weights)
 
     def _token_mask(self, x, sample_weight):
         if sample_weight is not None:
@@ -335,9 +353,26 @@ class CausalLMDistiller(Distiller):
     def get_config(self):
         config = super().get_config()
         config["chunk_size"] = self.chunk_size
+        config["seed"] = self.seed
         return config
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and self._responses is not None:
+            config.update(self._responses.get_config())
+        return config
 
-def _short(value, limit=80):
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    # The seed generator's state is saved beside `alpha` and `temperature`
+    # (Keras saves a layer's weights, not its seed generators).
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store[_SEED_KEY] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        keys = [k for k in store.keys() if k != _SEED_KEY]
+        super().load_own_variables({k: store[k] for k in keys})
+        if _SEED_KEY in store.keys():
+            self.seed_generator.state.assign(np.asarray(store[_SEED_KEY]))
+
+
+_SEED_KEY = "seed_generator_state"
