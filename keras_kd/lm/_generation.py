@@ -19,6 +19,7 @@ JAX.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_kd import _checks
@@ -32,6 +33,8 @@ def sampler_from(value):
     """A keras-hub `Sampler` from one of `SAMPLER_NAMES` or an instance."""
     import keras_hub
 
+    if isinstance(value, dict):  # from a saved compile config
+        value = keras_hub.samplers.deserialize(value)
     if isinstance(value, str):
         if value not in SAMPLER_NAMES:
             # keras-hub's `samplers.get` returns an unknown name unchanged.
@@ -95,6 +98,37 @@ def prompt_mask(padding_mask, sample_weight):
     first = ops.where(ops.any(weighted, axis=1), first, length)
     positions = ops.arange(length, dtype="int32")[None, :]
     return ops.logical_and(real, positions <= ops.cast(first, "int32")[:, None])
+
+
+def check_room(x, sample_weight):
+    """A `ValueError` unless every row of the host batch `x` has a prompt
+    and room after it for a generated token."""
+    if not isinstance(x, dict) or "padding_mask" not in x:
+        return
+    try:
+        mask = np.asarray(x["padding_mask"]).astype(bool)
+        weights = None if sample_weight is None else np.asarray(sample_weight)
+    except (TypeError, ValueError):
+        return  # not host arrays: checked by nothing but the results
+    prompt = ops.convert_to_numpy(prompt_mask(mask, weights)).sum(axis=1)
+    length = mask.shape[1]
+    full = np.flatnonzero(prompt >= length)
+    empty = np.flatnonzero(prompt == 0)
+    if full.size or empty.size:
+        rows = full if full.size else empty
+        what = (
+            f"fill all {length} positions, which leaves no room for a "
+            "generated response"
+            if full.size
+            else "are empty (no real token to start from)"
+        )
+        raise ValueError(
+            f"On-policy or sequence-level distillation generates after "
+            f"each row's prompt, but the prompts of {rows.size} row(s) of "
+            f"`x` (rows {rows[:5].tolist()}...) {what}: shorten the prompts "
+            "or lengthen the sequences. Received: x with padding_mask sums "
+            f"{mask.sum(axis=1)[rows[:5]].tolist()}"
+        )
 
 
 class _VocabularyBound:
@@ -240,7 +274,7 @@ class ResponsePlan:
         try:
             self.stop_token_ids = stop_tokens(distiller.student, stop_token_ids)
         except ValueError:
-            if self.generates:
+            if self.generates or stop_token_ids != "auto":
                 raise
         embedding = distiller.student.backbone.token_embedding
         self.vocabulary_size = int(embedding.input_dim)

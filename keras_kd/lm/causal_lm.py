@@ -20,7 +20,7 @@ from keras_kd.distillers.distiller import Distiller
 from keras_kd.lm import _keras_hub as hub
 from keras_kd.lm import _loss_terms as loss_terms
 from keras_kd.lm import top_k_cache
-from keras_kd.lm._generation import SOURCES, ResponsePlan
+from keras_kd.lm._generation import SOURCES, ResponsePlan, check_room
 
 
 @export
@@ -130,6 +130,8 @@ class CausalLMDistiller(Distiller):
         responses may be left out when every step generates them).
         `validation_data` may be raw text too."""
         x, y, kwargs = hub.text_arrays(self, x, y, kwargs, "x")
+        if self._generates():
+            check_room(x, kwargs.get("sample_weight"))
         data = kwargs.get("validation_data")
         if hub.is_raw_text(data):
             data, labels, rest = hub.text_arrays(
@@ -296,6 +298,14 @@ class CausalLMDistiller(Distiller):
     def _loss_terms(self):
         # The built-in cross-entropy is tracked whenever labels come.
         return self._both_terms
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self._generates():
+            return metrics
+        own = (self._generated_term, self.generated_length_tracker)
+        return [m for m in metrics if all(m is not o for o in own)]
 
     def _extra_terms(self):
         return [self._generated_term] if self._generates() else []

@@ -233,6 +233,12 @@ def test_same_layer_names_in_teacher_and_student_train_like_the_student():
     keras.backend.backend() != "jax", reason="keras.distribution on JAX"
 )
 def test_data_and_model_parallel_match_one_device():
+    run_on_eight_devices("_causal_lm_distributed.py")
+
+
+def run_on_eight_devices(script):
+    """Runs `script` (beside this file) on 8 virtual JAX CPU devices; it
+    prints "matches one device" when its checks pass."""
     import os
     import subprocess
     import sys
@@ -254,7 +260,7 @@ def test_data_and_model_parallel_match_one_device():
         TF_CPP_MIN_LOG_LEVEL="3",
     )
     result = subprocess.run(
-        [sys.executable, str(here / "_causal_lm_distributed.py")],
+        [sys.executable, str(here / script)],
         capture_output=True,
         text=True,
         env=env,

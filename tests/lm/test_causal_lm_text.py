@@ -132,3 +132,55 @@ def test_raw_text_errors_name_the_argument():
     offline.compile(keras.optimizers.SGD(0.0), alpha=0.5)
     with pytest.raises(ValueError, match="offline distillation reads"):
         offline.fit(TEXTS, verbose=0)
+
+
+PROMPTS = ["the cat", "a dog", "cats and", "on the"]
+RESPONSES = ["sat on the mat", "ran", "dogs", "mat the cat sat"]
+
+
+def test_prompt_response_pairs_weigh_the_response_and_its_end_token():
+    student = gpt2(1, 16, preprocessor(), seed=1)
+    model = distiller(student, gpt2(2, 32))
+    tokenizer = student.preprocessor.tokenizer
+    x, y, w = keras_kd.lm._keras_hub.preprocess_pairs(
+        student.preprocessor, PROMPTS, RESPONSES, "x"
+    )
+    for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+        p = list(tokenizer([prompt])[0])
+        r = list(tokenizer([response])[0])
+        row = ([0] + p + r + [0])[: LENGTH + 1]  # start and end id 0
+        np.testing.assert_array_equal(
+            x["token_ids"][i, : len(row) - 1], row[:-1]
+        )
+        np.testing.assert_array_equal(y[i, : len(row) - 1], row[1:])
+        expected = np.zeros(LENGTH)
+        expected[len(p) : len(row) - 1] = 1.0  # labels r..., end
+        np.testing.assert_array_equal(w[i], expected)
+    common = dict(batch_size=2, shuffle=False, verbose=0)
+    pairs = {"prompts": PROMPTS, "responses": RESPONSES}
+    text_logs = model.fit(pairs, validation_data=pairs, **common).history
+    array_logs = model.fit(
+        x, y, sample_weight=w, validation_data=(x, y, w), **common
+    ).history
+    for key in text_logs:
+        np.testing.assert_allclose(text_logs[key], array_logs[key], rtol=1e-6)
+
+
+def test_on_policy_from_prompts_alone_stops_at_the_end_token():
+    student = gpt2(1, 16, preprocessor(), seed=1)
+    model = keras_kd.CausalLMDistiller(student, gpt2(2, 32), seed=0)
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        distillation_loss=losses.ReverseKLDivergence(),
+        on_policy_fraction=1.0,
+    )
+    logs = model.fit({"prompts": PROMPTS}, batch_size=4, verbose=0).history
+    assert logs["generated_length"][0] > 0
+    x, _, w = model.generate_responses(PROMPTS)
+    end = student.preprocessor.tokenizer.end_token_id
+    for row, weights in zip(x["token_ids"], w):
+        last = np.flatnonzero(weights)[-1] + 1  # the last trained token
+        generated = row[np.flatnonzero(weights) + 1]
+        # Only the last trained token may be the end token ("auto").
+        assert end not in generated[:-1]
+        assert last == LENGTH - 1 or row[last] == end
