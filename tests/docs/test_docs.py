@@ -144,6 +144,9 @@ def _check_language_models(ns):
             "distillation_loss",
         }
         assert Path("student_lm.keras").exists()
+    if "on_policy" in ns:
+        assert 0 < ns["logs"]["generated_length"][-1] <= 6
+        assert ns["w"].sum() > 0
     assert _value(ns["fused"]) == pytest.approx(_value(ns["dense"]), rel=1e-5)
 
 
