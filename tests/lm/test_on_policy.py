@@ -133,6 +133,30 @@ def test_on_policy_loss_and_step_equal_the_reference_on_its_responses(alpha):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_each_step_generates_with_that_steps_weights():
+    # Under JAX `fit` the weights live in the step's state between steps:
+    # the second step must generate with the weights the first step made.
+    x = prompts()
+    student, teacher = models()
+    twin = llama(1, 8)
+    twin.set_weights(student.get_weights())
+    options = dict(lr=2.0, on_policy_fraction=1.0, sampler="greedy")
+    both = distiller(student, teacher, **options)
+    x2 = {k: np.concatenate([v, v]) for k, v in x.items()}
+    logs = both.fit(x2, batch_size=4, shuffle=False, verbose=0).history
+    one = distiller(twin, teacher, **options)
+    expected = []
+    for _ in range(2):
+        batch, labels, w = one.generate_responses(x)
+        _, _, kd = dense_reference(
+            twin, teacher, batch, labels, w, "reverse_kl", 1.5, 0.0
+        )
+        expected.append(kd)
+        fit_once(one, x)
+    assert expected[0] != pytest.approx(expected[1], rel=1e-3)
+    np.testing.assert_allclose(logs["loss"][0], np.mean(expected), rtol=2e-4)
+
+
 def test_sequence_kd_trains_on_the_teachers_greedy_generation():
     student, teacher = models(padded=False)
     d = distiller(
