@@ -12,6 +12,7 @@ eagerly without `tensorflow-text`), and training gets the arrays it makes:
 in a `tf.data` pipeline the user maps the preprocessor over.
 """
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -43,14 +44,21 @@ def output_head(model, name="model"):
     without a copy) or an untied reverse kernel `[hidden, vocab]`
     (`"hv"`), and the tanh soft cap on the logits, if any: the
     embedding's `logit_soft_cap` (Gemma 2 and 3) or the task's
-    `final_logit_cap` (Gemma 4).
+    `final_logit_cap` (Gemma 4). The kernel keeps its dtype: the fused
+    kernels cast it to a `bfloat16` or `float16` model's compute dtype.
 
-    A head whose logits are not `soft_cap(hidden @ kernel)` is refused
-    with a `ValueError` naming `name` rather than computed wrongly: a
-    quantized head (its kernel holds integers, and its inputs are
-    quantized too) and a head capped twice.
+    A head whose logits are not `soft_cap(hidden @ kernel)` of the
+    backbone's output is refused with a `ValueError` naming `name` rather
+    than computed wrongly: a model whose own `call` replaces its graph
+    (Gemma 4's MTP assistant), whose logits come from another layer than
+    a reversible `token_embedding` (RWKV-7), whose backbone does not
+    output its final hidden states (encoder-decoder `Seq2SeqLM`s), whose
+    graph applies anything else between them and the logits (a slice that
+    drops PaliGemma's or BLIP-2's image positions, a scale), a quantized
+    head and a head capped twice.
     """
     head = model.backbone.token_embedding
+    _check_logits_graph(model, name)
     mode = getattr(head, "quantization_mode", None)
     if mode is not None:
         raise _checks.invalid(
@@ -74,9 +82,80 @@ def output_head(model, name="model"):
             model,
         )
     cap = caps[0] if caps else None
-    if getattr(head, "tie_weights", True):
+    if head.tie_weights:
         return head.embeddings, "vh", cap
     return head.reverse_embeddings, "hv", cap
+
+
+# The operations of Gemma 4's `final_logit_cap` in its CausalLM's graph,
+# after the head: `cap * tanh(logits / cap)`. Matched by name (another
+# Keras naming them otherwise refuses the cap rather than misreads it).
+_TASK_CAP = ["TrueDivide", "Tanh", "Multiply"]
+
+
+def _check_logits_graph(model, name):
+    """Raises unless `model(x)` is `token_embedding(backbone(x),
+    reverse=True)`, then Gemma 4's task-level cap if it has one: what the
+    distiller computes from the backbone's output."""
+    # A CausalLM class (one with `generate`) defining `call` replaces the
+    # functional graph checked below with its own computation.
+    owner = next(c for c in type(model).__mro__ if "call" in vars(c))
+    if hasattr(owner, "generate"):
+        raise _checks.invalid(
+            name,
+            "a CausalLM whose logits are its functional graph, not one "
+            f"whose class {owner.__name__} replaces `call` (its logits, if "
+            "any, are not its backbone's output through its head)",
+            model,
+        )
+    head = model.backbone.token_embedding
+    if not hasattr(head, "tie_weights"):
+        raise _checks.invalid(
+            name,
+            "a CausalLM whose logits come from `backbone.token_embedding` "
+            "used in reverse (a `ReversibleEmbedding`), not one whose "
+            f"token_embedding, a `{type(head).__name__}`, cannot project "
+            "back (its logits come from another layer)",
+            model,
+        )
+    output = model.backbone.output
+    shape = getattr(output, "shape", None)
+    if shape is None or len(shape) != 3 or shape[-1] != head.output_dim:
+        found = (
+            f"a {type(output).__name__} of {sorted(output)}"
+            if isinstance(output, dict)
+            else f"{shape}"
+        )
+        raise _checks.invalid(
+            name,
+            "a decoder-only CausalLM whose backbone outputs its final "
+            f"hidden states [batch, length, {head.output_dim}], not one "
+            f"whose backbone outputs {found}",
+            model,
+        )
+    steps = [
+        op
+        for op in model.operations
+        if not isinstance(op, keras.layers.InputLayer)
+    ]
+    task_cap = getattr(model, "final_logit_cap", None) is not None
+    names = [type(op).__name__ for op in steps]
+    if (
+        len(steps) < 2
+        or steps[0] is not model.backbone
+        or steps[1] is not head
+        or names[2:] != (_TASK_CAP if task_cap else [])
+    ):
+        capped = ", then its final_logit_cap" if task_cap else ""
+        raise _checks.invalid(
+            name,
+            "a CausalLM whose logits are its backbone's output through "
+            f"`backbone.token_embedding` in reverse{capped} and nothing "
+            f"else, not one whose graph is {' -> '.join(names)} (a step "
+            "the fused kernels do not take, e.g. a slice dropping image "
+            "positions, or a scale)",
+            model,
+        )
 
 
 # Strings per preprocessor call: bounds the eager call's temporaries.
