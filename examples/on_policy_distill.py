@@ -62,7 +62,7 @@ def teacher_nll(teacher, tokens, prompt):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--teacher-epochs", type=int, default=None)
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--prompt", type=int, default=16)
