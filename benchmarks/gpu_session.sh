@@ -8,14 +8,15 @@
 # 2. the test folders of SUITE_PATHS (default: tests/ops tests/lm
 #    tests/distillers; SUITE_PATHS=tests for everything) on torch and JAX
 #    side by side;
-# 3. `benchmarks.bench_causal_lm` at a GPU size on torch, then on JAX.
+# 3. `benchmarks.bench_causal_lm` at a GPU size on torch, then on JAX;
+# 4. `benchmarks.bench_on_policy` at a GPU size on torch, then on JAX.
 #
 # Wheels of what the machine lacks (keras, namex, optree, keras-hub,
 # liger-kernel; not kagglehub, which keras-hub imports only when present
 # and which fails there without kagglesdk) are installed from .whl/ when
 # that folder exists. Logs and markdown fragments go to $OUT (default
-# /tmp/gpu_out); the fragments are bench_gpu's and bench_causal_lm's
-# `<name>_<backend>.md`.
+# /tmp/gpu_out); the fragments are bench_gpu's, bench_causal_lm's and
+# bench_on_policy's `<name>_<backend>.md`.
 #
 # Rehearsal on a CPU: QUICK=1 makes every benchmark a smoke run and only
 # collects the tests; NO_WHEELS=1 skips the wheels:
@@ -89,5 +90,12 @@ step "${LM_TORCH_S:-${slack:-50}}" env KERAS_BACKEND=torch \
   $PY -m benchmarks.bench_causal_lm "${lm_args[@]}" --results-dir "$OUT/results"
 step "${LM_JAX_S:-${slack:-70}}" env KERAS_BACKEND=jax \
   $PY -m benchmarks.bench_causal_lm "${lm_args[@]}" --results-dir "$OUT/results"
+op_args=(--vocab 32000 --prompt 128 --new-tokens 128 --batch 16
+  --teacher 6x768 --student 2x384 --repeats 5)
+[ -n "$quick" ] && op_args=(--quick)
+step "${OP_TORCH_S:-${slack:-45}}" env KERAS_BACKEND=torch \
+  $PY -m benchmarks.bench_on_policy "${op_args[@]}" --results-dir "$OUT/results"
+step "${OP_JAX_S:-${slack:-45}}" env KERAS_BACKEND=jax \
+  $PY -m benchmarks.bench_on_policy "${op_args[@]}" --results-dir "$OUT/results"
 grep -h -E "^=+ .*(passed|failed|error)|collected in|^=== rc" "$OUT"/test_*.log | tail -6
 grep -E "^=== " "$log" | tail -8

@@ -30,6 +30,7 @@ MODULES = [
     "bench_advanced",
     "bench_rdrop",
     "bench_causal_lm",
+    "bench_on_policy",
 ]
 BACKENDS = ["tensorflow", "torch", "jax"]
 
