@@ -1,12 +1,12 @@
 """Run by tests/lm/test_causal_lm.py in a subprocess with 8 virtual CPU
 devices: CausalLMDistiller under DataParallel and ModelParallel (teacher
-and student sharded by keras-hub's layout map) matches one device."""
+and student sharded by keras-hub's layout map) matches one device.
+`matches_one_device` is shared with the on-policy run."""
 
 import jax
 import keras
 import keras_hub
 import numpy as np
-from test_causal_lm import batch
 
 import keras_kd
 
@@ -14,6 +14,7 @@ assert len(jax.devices()) == 8, jax.devices()
 
 
 def build(seed):
+    """A teacher and a student (untied Llamas whose heads shard 4 ways)."""
     keras.utils.set_random_seed(seed)
 
     def llama(layers, hidden):
@@ -31,7 +32,9 @@ def build(seed):
     return llama(2, 32), llama(1, 16)
 
 
-def train(start=None):
+def trained(fit, start=None):
+    """`fit(distiller_factory)` from the same starting weights: returns
+    `(student weights, history, start, student)`."""
     teacher, student = build(0)
     if start is not None:
         teacher.set_weights(start[0])
@@ -40,6 +43,42 @@ def train(start=None):
         [np.array(w) for w in teacher.get_weights()],
         [np.array(w) for w in student.get_weights()],
     )
+    history = fit(student, teacher)
+    return [np.array(v) for v in student.get_weights()], history, start, student
+
+
+def matches_one_device(fit, same_logs=("loss",)):
+    """Trains with `fit` on one device, then under DataParallel and under
+    ModelParallel from the same weights; asserts they all agree."""
+    single, logs, start, _ = trained(fit)
+    devices = jax.devices()
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
+    dp, dp_logs, _, _ = trained(fit, start)
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), devices)
+    layout = keras_hub.models.LlamaBackbone.get_layout_map(mesh)
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(
+            layout_map=layout, batch_dim_name="batch"
+        )
+    )
+    mp, mp_logs, _, mp_student = trained(fit, start)
+    keras.distribution.set_distribution(None)
+    embeddings = mp_student.backbone.token_embedding.embeddings.value
+    assert not embeddings.sharding.is_fully_replicated, embeddings.sharding
+    for weights, other_logs in ((dp, dp_logs), (mp, mp_logs)):
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(single, weights))
+        assert diff < 1e-5, diff
+        for key in same_logs:
+            np.testing.assert_allclose(other_logs[key], logs[key], rtol=1e-5)
+    print("matches one device")
+    return logs
+
+
+def _fit(student, teacher):
+    from test_causal_lm import batch
+
     d = keras_kd.CausalLMDistiller(student, teacher, chunk_size=8)
     d.compile(
         keras.optimizers.SGD(0.5),
@@ -47,28 +86,10 @@ def train(start=None):
         alpha=0.5,
     )
     x, y, w = batch(n=16)
-    h = d.fit(
+    return d.fit(
         x, y, sample_weight=w, batch_size=8, epochs=2, shuffle=False, verbose=0
     ).history
-    return [np.array(v) for v in student.get_weights()], h, start, student
 
 
-single, logs, start, _ = train()
-devices = jax.devices()
-keras.distribution.set_distribution(
-    keras.distribution.DataParallel(devices=devices)
-)
-dp, dp_logs, _, _ = train(start)
-mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), devices)
-layout = keras_hub.models.LlamaBackbone.get_layout_map(mesh)
-keras.distribution.set_distribution(
-    keras.distribution.ModelParallel(layout_map=layout, batch_dim_name="batch")
-)
-mp, mp_logs, _, mp_student = train(start)
-embeddings = mp_student.backbone.token_embedding.embeddings.value
-assert not embeddings.sharding.is_fully_replicated, embeddings.sharding
-for trained, trained_logs in ((dp, dp_logs), (mp, mp_logs)):
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(single, trained))
-    assert diff < 1e-5, diff
-    np.testing.assert_allclose(trained_logs["loss"], logs["loss"], rtol=1e-5)
-print("matches one device")
+if __name__ == "__main__":
+    matches_one_device(_fit)
