@@ -95,7 +95,10 @@ def sparse_crossentropy_and_kl_divergence(
     def forward(t, s, labels, valid, *temp, eager):
         temp = temperature if constant else temp[0]
         valid = valid > 0.5
-        teacher_grad = not eager or bool(getattr(t, "requires_grad", True))
+        # Eager torch without `eager` computes no gradient at all (see
+        # `with_gradient`): the KL then needs no `log P - log Q` whole.
+        lazy = not eager and not torch_eager()
+        teacher_grad = lazy or bool(getattr(t, "requires_grad", True))
         found = None
         if torch_eager():
             # Unguarded first, as the divergences do on torch: any input

@@ -7,7 +7,8 @@ from keras import ops
 
 from keras_kd.ops._core import _pair, validate_temperature
 from keras_kd.ops._gradients import resolve_precise, torch_eager, with_gradient
-from keras_kd.ops._softmax_terms import _expand, rowdot
+from keras_kd.ops._rowdot import rowdot
+from keras_kd.ops._softmax_terms import _expand
 
 
 def binary_symmetric_kl_divergence(

@@ -35,46 +35,30 @@ from keras_kd.ops._core import (
     dtype_of,
 )
 from keras_kd.ops._gradients import torch_eager, with_gradient
-
-
-def rowdot(x, y, axis):
-    """`sum(x * y, axis, keepdims=True)`.
-
-    On torch, for the last axis, `einsum` over blocks of 128 classes and a
-    sum over the blocks: it reads both operands without writing their
-    product to memory (each intermediate is a pass over memory there), and
-    two-level accumulation keeps float32 rounding near that of `ops.sum`
-    (one `einsum` over 32000 classes is 15x less accurate).
-    """
-    if keras.backend.backend() != "torch" or axis not in (-1, x.ndim - 1):
-        return ops.sum(x * y, axis=axis, keepdims=True)
-    classes = x.shape[-1]
-    lead = tuple(x.shape[:-1])
-    if classes <= 2 * _BLOCK:
-        return ops.expand_dims(ops.einsum("...i,...i->...", x, y), -1)
-    blocks = classes // _BLOCK
-    head = blocks * _BLOCK
-
-    def split(z):
-        return ops.reshape(z[..., :head], lead + (blocks, _BLOCK))
-
-    total = ops.sum(
-        ops.einsum("...jk,...jk->...j", split(x), split(y)), axis=-1
-    )
-    if head < classes:
-        total = total + ops.einsum(
-            "...i,...i->...", x[..., head:], y[..., head:]
-        )
-    return ops.expand_dims(total, -1)
-
-
-_BLOCK = 128
+from keras_kd.ops._rowdot import rowdot, rowdot_difference
 
 
 def _non_negative(x):
     # Rounding can leave a fast-path divergence a few ulp below 0; `where`
     # keeps NaN (a NaN row stays NaN).
     return ops.where(x < 0.0, 0.0, x)
+
+
+def _torch_mass(pair, axis):
+    """Per row, the total of torch's `exp(log_softmax)` that the precise
+    KL carries as a factor: `Q`'s in a near row (every piece there comes
+    from `Q`), `P`'s in any other (there `sum Q phi(u) = sum P u + sum Q
+    - sum P`, and the normalizers' rounding in `u` cancels).
+
+    torch's `log_softmax` underestimates a row's normalizer when many
+    small terms meet a large running float32 sum: at 32000 classes of
+    logits of scale 5 its probabilities sum to 1 + 3e-6, at 128256 to
+    1 + 1e-5, a relative error of the KL beyond the float32 rounding
+    (`F.kl_div` has it too, through `P`). `ops.sum` totals them
+    accurately, and dividing by the total takes the factor out."""
+    return ops.where(
+        pair.near, lr.rowsum(pair.q, axis), lr.rowsum(pair.p, axis)
+    )
 
 
 def _spread(weight, x, mean):
@@ -98,14 +82,19 @@ def kl_terms(pair, teacher_grad=True):
     axis = pair.axis
     if pair.precise:
         value = lr.rowsum(pair.q_phi(), axis)
+        if keras.backend.backend() == "torch":
+            value = value / _torch_mass(pair, axis)
     else:
         p = pair.p
-        if keras.backend.backend() == "torch":
-            # Two reads, no `log P - log Q` written to memory.
-            value = rowdot(p, pair.log_p, axis) - rowdot(p, pair.log_q, axis)
-        else:
+        if keras.backend.backend() != "torch":
             # Fused under XLA; one sum rounds less than two that cancel.
             value = lr.rowsum(p * pair.u, axis)
+        elif teacher_grad and pair.frugal:
+            # The teacher's gradient, computed next, reads `u` anyway.
+            value = rowdot(p, pair.u, axis)
+        else:
+            # `u` never whole in memory (see `rowdot_difference`).
+            value = rowdot_difference(p, pair.log_p, pair.log_q, axis)
         value = _non_negative(value)
     if pair.precise and pair.empty_p is not None:
         # No target mass: nothing to match (the identities behind `q_phi`

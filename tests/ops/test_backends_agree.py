@@ -62,7 +62,7 @@ def test_backends_agree(tmp_path):
             assert not np.isnan(values[key]).any(), (backend, key)
             # The fast path is exact to its documented bound (an absolute
             # 1e-5 T**2 (1 + E|log P| + E|log Q|)), computed differently
-            # on torch (two row sums) than under XLA; the precise path and
+            # on torch (blocked row sums) than under XLA; the precise path and
             # everything else to 1e-6.
             tolerance = 1e-5 if key.endswith("_fast") else 1e-6
             np.testing.assert_allclose(
