@@ -56,6 +56,9 @@ Conventions shared by all functions:
   shrink as the temperature grows.
 - float64 inputs are computed and returned in float64 (on JAX with
   `jax_enable_x64`); float16 and bfloat16 inputs are computed in float32.
+- On the torch backend the fused chunk bodies run through `torch.compile`
+  on a CUDA device (`set_torch_compile(True | False | "auto")`; eager
+  where compiling fails).
 """
 
 from keras_kd.ops._core import log_probabilities as log_probabilities
@@ -118,6 +121,12 @@ from keras_kd.ops._multilabel import (
 from keras_kd.ops._multilabel import (
     sparse_multilabel_mask as sparse_multilabel_mask,
 )
+from keras_kd.ops._torch_compile import (
+    set_torch_compile as set_torch_compile,
+)
+from keras_kd.ops._torch_compile import (
+    torch_compile_enabled as torch_compile_enabled,
+)
 
 __all__ = [
     "attention_map",
@@ -141,9 +150,11 @@ __all__ = [
     "multilabel_categorical_crossentropy",
     "non_target_class_kd",
     "paired_symmetric_kl_divergence",
+    "set_torch_compile",
     "sparse_crossentropy_and_kl_divergence",
     "sparse_multilabel_categorical_crossentropy",
     "sparse_multilabel_mask",
     "symmetric_kl_divergence",
     "target_class_kd",
+    "torch_compile_enabled",
 ]

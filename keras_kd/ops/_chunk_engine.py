@@ -35,6 +35,7 @@ from keras import ops
 
 from keras_kd.ops import _fused_linear_math as fm
 from keras_kd.ops._core import compute_dtype, dtype_of, matmul_dtype
+from keras_kd.ops._torch_compile import maybe_compiled
 
 # The default chunk keeps one [chunk, vocab] float32 block at ~8 MiB on a
 # CPU: XLA keeps a few such blocks alive at once (47 MiB of scratch in all
@@ -100,7 +101,7 @@ def _pad_rows(x, pad):
     return ops.pad(x, widths)
 
 
-def run_chunks(chunk, size, inputs, outputs=(), totals=()):
+def run_chunks(chunk, size, inputs, outputs=(), totals=(), fixed_size=False):
     """Runs `chunk` over chunks of `size` rows of `inputs` (tensors with
     the same first axis, or `None`).
 
@@ -115,7 +116,7 @@ def run_chunks(chunk, size, inputs, outputs=(), totals=()):
     if isinstance(n, int):
         # At least one (then fully padded) chunk: a loop body is traced
         # even when it runs zero times, and it slices one chunk.
-        size = max(1, min(size, n))
+        size = size if fixed_size else max(1, min(size, n))
         steps = max(1, (n + size - 1) // size)
     pad = steps * size - n
     padded = [None if x is None else _pad_rows(x, pad) for x in inputs]
@@ -155,69 +156,59 @@ def run_chunks(chunk, size, inputs, outputs=(), totals=()):
     return [buffer[:n] for buffer in buffers], totals
 
 
-class _Chunk:
-    """The work of one chunk: the student's logits, the teacher's terms
-    (the strategy's), the cross-entropy, and both gradients."""
-
-    def __init__(self, cfg, kernel, teacher, numbers, dtype, gradients):
-        self.cfg = cfg
-        self.kernel = kernel
-        # The strategy and what its `prepare` returned besides rows.
-        self.teacher, self.constants = teacher
-        self.temperature, self.alpha = numbers
-        # The softmax math's dtype.
-        self.dtype = dtype
-        self.gradients = gradients
-        self.scale = 2.0 / self.temperature
-        self.equations = EINSUM[cfg["student_layout"]]
-
-    def __call__(self, hidden, weights, labels, *teacher_rows):
-        cfg = self.cfg
-        # Masked rows are zeroed before the matmuls, not multiplied by 0
-        # after them: padding may hold NaN hidden states or out-of-range
-        # labels and ids, and no [chunk, vocab] `where` is needed.
-        active = weights != 0
-        hidden = ops.where(
-            ops.expand_dims(active, -1), hidden, ops.zeros_like(hidden)
+def _chunk(static, kernel, constants, numbers, hidden, weights, labels, *rows):
+    """The work of one chunk: the student's logits, the teacher's terms,
+    the cross-entropy, and both gradients. A pure function of tensors and
+    the hashable `static` options, so that torch can compile it once per
+    configuration (`_torch_compile.maybe_compiled`)."""
+    cfg, teacher, teacher_static, dtype, gradients = static
+    cfg = dict(cfg)
+    temperature, alpha = numbers
+    scale = 2.0 / temperature
+    equations = EINSUM[cfg["student_layout"]]
+    # Masked rows are zeroed before the matmuls, not multiplied by 0 after
+    # them: padding may hold NaN hidden states or out-of-range labels and
+    # ids, and no [chunk, vocab] `where` is needed.
+    active = weights != 0
+    hidden = ops.where(
+        ops.expand_dims(active, -1), hidden, ops.zeros_like(hidden)
+    )
+    # In the student's matmul dtype, then the softmax math's.
+    raw = ops.cast(ops.einsum(equations[0], hidden, kernel), dtype)
+    zs = fm.soft_cap(raw, cfg["student_cap"])
+    student = fm.student_parts(zs, scale)
+    zero = ops.zeros_like(weights)
+    nan = ops.full_like(weights, math.nan)
+    ce, div, grad = zero, zero, None
+    if teacher is not None:
+        div, g_div, bad = teacher.terms(
+            teacher_static, constants, student, scale, active, rows
         )
-        # In the student's matmul dtype, then the softmax math's.
-        raw = ops.einsum(self.equations[0], hidden, self.kernel)
-        raw = ops.cast(raw, self.dtype)
-        zs = fm.soft_cap(raw, cfg["student_cap"])
-        student = fm.student_parts(zs, self.scale)
-        zero = ops.zeros_like(weights)
-        nan = ops.full_like(weights, math.nan)
-        ce, div, grad = zero, zero, None
-        if self.teacher is not None:
-            div, g_div, bad = self.teacher.terms(
-                self.constants, student, self.scale, active, teacher_rows
-            )
-            # d (T**2 D(softmax(s / T))) / d s = T * d D / d a.
-            factor = weights * (self.temperature * (1.0 - self.alpha))
-            if bad is not None:
-                # NaN, never a finite wrong loss; its gradient is made NaN
-                # by its row factor (a [chunk, vocab] `where` is slow on
-                # torch).
-                div = ops.where(bad, nan, div)
-                factor = ops.where(bad, nan, factor)
-            grad = g_div * ops.expand_dims(factor, -1)
-        if cfg["labels"]:
-            labels = ops.where(active, labels, ops.zeros_like(labels))
-            at_one = student[1:] if cfg["temperature_is_one"] else None
-            ce, g_ce, valid = fm.cross_entropy_terms(student[0], labels, at_one)
-            factor = ops.where(valid, weights * self.alpha, nan)
-            g_ce = g_ce * ops.expand_dims(factor, -1)
-            grad = g_ce if grad is None else grad + g_ce
-        sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
-        if not self.gradients:
-            return (), (sums,)
-        if cfg["student_cap"] is not None:
-            grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
-        # Half-precision products take the logit gradient in their dtype.
-        grad = ops.cast(grad, hidden.dtype)
-        d_hidden = ops.einsum(self.equations[1], grad, self.kernel)
-        d_kernel = ops.einsum(self.equations[2], hidden, grad)
-        return (d_hidden,), (sums, d_kernel)
+        # d (T**2 D(softmax(s / T))) / d s = T * d D / d a.
+        factor = weights * (temperature * (1.0 - alpha))
+        if bad is not None:
+            # NaN, never a finite wrong loss; its gradient is made NaN by
+            # its row factor (a [chunk, vocab] `where` is slow on torch).
+            div = ops.where(bad, nan, div)
+            factor = ops.where(bad, nan, factor)
+        grad = g_div * ops.expand_dims(factor, -1)
+    if cfg["labels"]:
+        labels = ops.where(active, labels, ops.zeros_like(labels))
+        at_one = student[1:] if cfg["temperature_is_one"] else None
+        ce, g_ce, valid = fm.cross_entropy_terms(student[0], labels, at_one)
+        factor = ops.where(valid, weights * alpha, nan)
+        g_ce = g_ce * ops.expand_dims(factor, -1)
+        grad = g_ce if grad is None else grad + g_ce
+    sums = ops.stack([ops.sum(weights * ce), ops.sum(weights * div)])
+    if not gradients:
+        return (), (sums,)
+    if cfg["student_cap"] is not None:
+        grad = grad * fm.soft_cap_slope(raw, cfg["student_cap"])
+    # Half-precision products take the logit gradient in their dtype.
+    grad = ops.cast(grad, hidden.dtype)
+    d_hidden = ops.einsum(equations[1], grad, kernel)
+    d_kernel = ops.einsum(equations[2], hidden, grad)
+    return (d_hidden,), (sums, d_kernel)
 
 
 def fused_loss(student, teacher, cfg):
@@ -265,9 +256,31 @@ def fused_loss(student, teacher, cfg):
         rows, constants = (
             teacher.prepare(given, dtype) if teacher else ((), None)
         )
-        chunk = _Chunk(
-            cfg, kernel, (teacher, constants), (t, a), dtype, gradients
+        static = (
+            tuple(sorted(cfg.items())),
+            type(teacher) if teacher else None,
+            teacher.static if teacher else None,
+            dtype,
+            gradients,
         )
+        body = maybe_compiled(_chunk)
+        compiled = body is not _chunk
+        numbers = tuple(
+            ops.convert_to_tensor(n, dtype) if compiled else n for n in (t, a)
+        )
+
+        def chunk(*rows):
+            if not compiled:
+                return body(static, kernel, constants, numbers, *rows)
+            # The gradients are closed-form: nothing in a chunk is tracked
+            # by autograd, and one `requires_grad` flag for every chunk
+            # keeps torch.compile from compiling it twice.
+            tensors = keras.tree.map_structure(
+                lambda t: t if t is None else ops.stop_gradient(t),
+                (kernel, constants, numbers, rows),
+            )
+            return body(static, *tensors[:3], *tensors[3])
+
         sums = ops.zeros((2,), dtype=dtype)
         outputs, totals = [], [sums]
         if gradients:
@@ -279,6 +292,8 @@ def fused_loss(student, teacher, cfg):
             (flat, weights, labels, *rows),
             outputs,
             totals,
+            # A compiled chunk keeps one shape for every input length.
+            fixed_size=compiled,
         )
         sums = totals[0]
         ce, div = sums[0], sums[1] * (t * t)

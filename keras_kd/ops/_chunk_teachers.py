@@ -11,12 +11,14 @@ A strategy holds the teacher's inputs and static options, and answers:
   `[tokens, ...]` the engine slices into chunks, and whatever else the
   chunks read (the teacher's kernel), from `given` (the inputs as the
   custom gradient sees them) and the softmax math's `dtype`;
-- `terms(constants, student, scale, active, rows) -> (value, grad, bad)`:
-  per token the divergence without `T**2`, its gradient with respect to
-  the student's scaled logits `a = s / T`, and the rows whose value must
-  be NaN (or `None`), from `student = (half, total, q)` of
-  `_fused_linear_math.student_parts` and `active` (unmasked rows; the
-  others may hold garbage);
+- `static`: a hashable tuple of the options `terms` reads;
+- `terms(static, constants, student, scale, active, rows) -> (value, grad,
+  bad)`, a static method (the chunk body may be compiled, and is then
+  reused for equal `static`): per token the divergence without `T**2`,
+  its gradient with respect to the student's scaled logits `a = s / T`,
+  and the rows whose value must be NaN (or `None`), from
+  `student = (half, total, q)` of `_fused_linear_math.student_parts` and
+  `active` (unmasked rows; the others may hold garbage);
 - `finish(given, dtype, temperature, out, grads) -> (out, grads)`: a last
   look at `[total, cross_entropy, divergence]` and the student's
   gradients (`None` when none are computed).
@@ -50,10 +52,14 @@ class DenseTeacher:
 
     def __init__(self, hidden, kernel, layout, cap, divergence, beta, precise):
         self.inputs = {"teacher_hidden": hidden, "teacher_kernel": kernel}
-        self.equation = EINSUM[layout][0]
-        self.cap, self.divergence, self.beta = cap, divergence, beta
-        self.divergence_terms = (
-            fm.divergence_terms if precise else fm.fast_divergence_terms
+        # Hashable, and all `terms` reads: a compiled chunk is reused for
+        # every call with equal options.
+        self.static = (
+            EINSUM[layout][0],
+            cap,
+            divergence,
+            beta,
+            fm.divergence_terms if precise else fm.fast_divergence_terms,
         )
 
     def prepare(self, given, dtype):
@@ -63,13 +69,13 @@ class DenseTeacher:
         kernel = ops.cast(given["teacher_kernel"], teacher_dtype)
         return (flat_rows(hidden, teacher_dtype),), kernel
 
-    def terms(self, kernel, student, scale, active, rows):
+    @staticmethod
+    def terms(static, kernel, student, scale, active, rows):
+        equation, cap, divergence, beta, divergence_terms = static
         hidden = _active_rows(active, rows[0])
-        zt = ops.einsum(self.equation, hidden, kernel)
-        zt = fm.soft_cap(ops.cast(zt, student[2].dtype), self.cap)
-        value, grad = self.divergence_terms(
-            student, zt, scale, self.divergence, self.beta
-        )
+        zt = ops.einsum(equation, hidden, kernel)
+        zt = fm.soft_cap(ops.cast(zt, student[2].dtype), cap)
+        value, grad = divergence_terms(student, zt, scale, divergence, beta)
         return value, grad, None
 
     def finish(self, given, dtype, temperature, out, grads):
@@ -82,6 +88,7 @@ class TopKTeacher:
     the temperature it was cached at (a tensor: checked in the graph)."""
 
     precision_inputs = ()
+    static = ()
 
     def __init__(self, log_probs, ids, tail, cached_temperature):
         self.inputs = {
@@ -97,7 +104,8 @@ class TopKTeacher:
         tail = ops.cast(ops.reshape(given["teacher_tail"], (-1,)), dtype)
         return (log_probs, ids, tail), None
 
-    def terms(self, constants, student, scale, active, rows):
+    @staticmethod
+    def terms(static, constants, student, scale, active, rows):
         log_probs, ids, tail = rows
         half, total, q = student
         vocab = q.shape[-1]

@@ -124,7 +124,8 @@ def _reduce_max(x, axis):
     """
     if 0 in tuple(x.shape):
         return ops.sum(x, axis=axis, keepdims=True) - math.inf
-    return ops.max(x, axis=axis, keepdims=True)
+    # `amax`, not `max`: the same value, and torch.compile traces it whole.
+    return ops.amax(x, axis=axis, keepdims=True)
 
 
 # ------------------------------------------------------------ log space core

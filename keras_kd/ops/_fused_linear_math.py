@@ -38,7 +38,8 @@ _EXP_LIMIT = {"float32": 80.0, "float64": 700.0}
 def _half_shift(z):
     """`(z - max z) / 2` per row: the halves cannot overflow for any finite
     logits, and doubling back is exact."""
-    top = ops.max(z, axis=-1, keepdims=True)
+    # `amax`: Keras' torch `max` breaks a torch.compile graph.
+    top = ops.amax(z, axis=-1, keepdims=True)
     return z * 0.5 - top * 0.5
 
 

@@ -42,7 +42,12 @@ def place(ids, values, vocab):
     `[chunk, k, vocab]` tensor.
     """
     rows, k = ids.shape[0], ids.shape[1]
-    row_ids = ops.repeat(ops.arange(rows, dtype="int32"), k)
+    # A broadcast, not `ops.repeat`: torch.compile cannot trace a repeat
+    # count given as a tensor (Keras' torch `repeat` makes one).
+    row_ids = ops.broadcast_to(
+        ops.arange(rows, dtype="int32")[:, None], (rows, k)
+    )
+    row_ids = ops.reshape(row_ids, (-1,))
     coords = ops.stack([row_ids, ops.reshape(ids, (-1,))], axis=1)
     zeros = ops.zeros((rows, vocab), values.dtype)
     return ops.scatter_update(zeros, coords, ops.reshape(values, (-1,)))
@@ -63,7 +68,7 @@ def tail_log_sum_exp(x, in_top):
     shifted by that maximum would all underflow to 0.
     """
     masked = ops.where(in_top, ops.full_like(x, -math.inf), x)
-    top = ops.max(masked, axis=-1, keepdims=True)
+    top = ops.amax(masked, axis=-1, keepdims=True)
     top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
     e = ops.exp(masked - top)
     total = ops.sum(e, axis=-1, keepdims=True)
@@ -89,7 +94,7 @@ def top_k_buckets(x, k):
 
 def _log_normalize(log_values):
     """`log_values - logsumexp(log_values)` per row (k + 1 buckets)."""
-    top = ops.max(log_values, axis=-1, keepdims=True)
+    top = ops.amax(log_values, axis=-1, keepdims=True)
     top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
     total = ops.sum(ops.exp(log_values - top), axis=-1, keepdims=True)
     return log_values - (top + ops.log(total))
