@@ -39,7 +39,6 @@ only, or none on one side) takes the fast path's `u`; the formulas built on
 path's accuracy.
 """
 
-import functools
 import math
 
 import keras
@@ -82,6 +81,24 @@ def series(x, kind):
 
 def rowsum(x, axis):
     return ops.sum(x, axis=axis, keepdims=True)
+
+
+class _lazy:
+    """`functools.cached_property` without its lock: computed on first
+    read and kept in the instance's `__dict__` (where `Pair.release` drops
+    it). Python 3.11's lock stops torch.compile from tracing a pair."""
+
+    def __init__(self, function):
+        self.function = function
+        self.name = function.__name__
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = self.function(instance)
+        instance.__dict__[self.name] = value
+        return value
 
 
 class Pair:
@@ -160,30 +177,30 @@ class Pair:
                 if name in ("log_p", "log_q"):
                     setattr(self, name, None)
 
-    @functools.cached_property
+    @_lazy
     def u(self):
         fast = self.log_p - self.log_q
         if not self.precise:
             return fast
         return ops.where(self.near, self._w - self._c, fast)
 
-    @functools.cached_property
+    @_lazy
     def p(self):
         return ops.exp(self.log_p)
 
-    @functools.cached_property
+    @_lazy
     def q(self):
         return ops.exp(self.log_q)
 
-    @functools.cached_property
+    @_lazy
     def below_one(self):
         return self.u < 1.0
 
-    @functools.cached_property
+    @_lazy
     def small(self):
         return ops.abs(self.u) < SERIES_BELOW
 
-    @functools.cached_property
+    @_lazy
     def q_exp_u(self):
         """`P` as `Q e^u`: exact to rounding of `u` in near rows."""
         if not self.precise:
@@ -191,7 +208,7 @@ class Pair:
         near = self.q * (1.0 + self._ew) * self._k
         return ops.where(self.near, near, self.p)
 
-    @functools.cached_property
+    @_lazy
     def e(self):
         """`expm1(u)` where `u < 1`, 0 elsewhere (where no formula reads
         it): finite, so no unused `where` branch holds an infinity whose

@@ -36,6 +36,7 @@ from keras_kd.ops._core import (
 )
 from keras_kd.ops._gradients import torch_eager, with_gradient
 from keras_kd.ops._rowdot import rowdot, rowdot_difference
+from keras_kd.ops._torch_compile import maybe_compiled, torch_compile_enabled
 
 
 def _non_negative(x):
@@ -314,6 +315,15 @@ def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
     def forward(t, s, *temp, eager):
         temp = temperature if constant else temp[0]
         teacher_grad = not eager or bool(getattr(t, "requires_grad", True))
+        if torch_compile_enabled():
+            static = (kind, axis, precise, beta, teacher_grad, eager)
+            value, grad_a, grad_b = maybe_compiled(_compiled_terms)(
+                static,
+                ops.stop_gradient(t),
+                ops.stop_gradient(s),
+                ops.convert_to_tensor(temp, t.dtype),
+            )
+            return value, _scaled(lambda: (grad_a, grad_b), axis, ndim, temp)
         found = None
         optimistic = isinstance(axis, int) and torch_eager()
         if optimistic:
@@ -335,19 +345,39 @@ def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
         if eager:
             computed = grads()  # now, so that the pieces can be freed
             grads = lambda: computed  # noqa: E731
-
-        def scaled_grads(upstream):
-            up = _expand(upstream, axis, ndim) * temp
-            grad_a, grad_b = grads()
-            return grad_b if grad_b is None else grad_b * up, grad_a * up
-
-        return value, scaled_grads
+        return value, _scaled(grads, axis, ndim, temp)
 
     def reference(t, s, *temp):
         temp = temperature if constant else temp[0]
         return reference_divergence(kind, t, s, temp, axis, beta)
 
     return with_gradient(forward, reference, (t, s), constants)
+
+
+def _scaled(grads, axis, ndim, temp):
+    """`grads()` scaled by upstream and `temp`, teacher's first."""
+
+    def scaled_grads(upstream):
+        up = _expand(upstream, axis, ndim) * temp
+        grad_a, grad_b = grads()
+        return grad_b if grad_b is None else grad_b * up, grad_a * up
+
+    return scaled_grads
+
+
+def _compiled_terms(static, t, s, temp):
+    """`(value, grad_a, grad_b)` in one graph for torch.compile: a pure
+    function of tensors and the hashable `static`, with no host read."""
+    kind, axis, precise, beta, teacher_grad, gradients = static
+    extra = () if beta is None else (beta,)
+    pair = lr.softmax_pair(t, s, temp, axis, precise)
+    pair.frugal = True
+    value, grads = TERMS[kind](pair, *extra, teacher_grad)
+    value = _squeeze(value, axis) * (temp * temp)
+    if not gradients:
+        return value, None, None
+    grad_a, grad_b = grads()
+    return value, grad_a, grad_b
 
 
 def reference_divergence(kind, t, s, temperature, axis, beta=None):

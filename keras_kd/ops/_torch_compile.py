@@ -86,9 +86,9 @@ def maybe_compiled(function):
     if key not in _COMPILED:
         import torch
 
-        _COMPILED[key] = torch.compile(
-            function, backend=_BACKEND["name"], dynamic=False
-        )
+        # Automatic dynamic shapes: a second input shape (a ragged last
+        # batch) compiles one graph for every shape, not one per shape.
+        _COMPILED[key] = torch.compile(function, backend=_BACKEND["name"])
     compiled = _COMPILED[key]
 
     def run(*args):

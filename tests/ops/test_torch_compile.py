@@ -181,3 +181,44 @@ def test_the_switch(monkeypatch):
     assert not kd_ops.torch_compile_enabled()
     kd_ops.set_torch_compile(True)
     assert kd_ops.torch_compile_enabled()
+
+
+def _dense(rows, kind, precise, vocab=300, seed=0):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    t = torch.tensor(rng.normal(size=(rows, vocab)).astype("float32") * 3)
+    s = torch.tensor(
+        rng.normal(size=(rows, vocab)).astype("float32") * 3,
+        requires_grad=True,
+    )
+    functions = {
+        "kl": kd_ops.kl_divergence,
+        "symmetric_kl": kd_ops.symmetric_kl_divergence,
+        "jsd": kd_ops.jensen_shannon_divergence,
+    }
+    value = functions[kind](t, s, temperature=2.0, precise=precise)
+    (grad,) = _grads(value.sum(), s)
+    return value.detach().numpy(), grad.numpy()
+
+
+@torch_only
+@pytest.mark.parametrize("kind", ["kl", "symmetric_kl", "jsd"])
+@pytest.mark.parametrize("precise", [False, True])
+def test_dense_divergences_compile_in_one_graph_and_equal_eager(
+    compiling, kind, precise
+):
+    compiled = _dense(24, kind, precise)
+    assert len(compiling) == 1  # no graph break
+    _torch_compile.set_torch_compile(False)
+    eager = _dense(24, kind, precise)
+    np.testing.assert_allclose(compiled[0], eager[0], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-7)
+
+
+@torch_only
+def test_a_ragged_last_batch_compiles_once_more_at_most(compiling):
+    for rows in (32, 32, 17, 32, 5, 32, 17):
+        _dense(rows, "kl", False, seed=rows)
+    # The first shape, then one graph for every other shape.
+    assert len(compiling) <= 2
