@@ -53,6 +53,7 @@ SHAPES = "256x100,1024x32000"
 QUICK_SHAPES = "64x100,128x4000"
 KERAS_KD = "keras-kd (default)"
 PRECISE = "keras-kd, precise=True"
+COMPILED = "keras-kd, torch.compile"
 OPS = {
     "kl": "kl_divergence",
     "symmetric_kl": "symmetric_kl_divergence",
@@ -71,6 +72,23 @@ def keras_kd_rows(name, temperature, precise=None):
     return lambda t, s: fn(t, s, temperature=temperature, precise=precise)
 
 
+def compiled_rows(name, temperature):
+    """`keras_kd_rows` with `keras_kd.ops.set_torch_compile(True)` (on a
+    CPU compiling is off by default)."""
+    import keras_kd
+
+    rows = keras_kd_rows(name, temperature)
+
+    def run(t, s):
+        keras_kd.ops.set_torch_compile(True)
+        try:
+            return rows(t, s)
+        finally:
+            keras_kd.ops.set_torch_compile("auto")
+
+    return run
+
+
 def implementations(name, temperature=T):
     """label -> `(loss, rows)`: the peers first, then keras-kd; `loss` is
     the batch mean of `rows` where a peer has no reduction of its own."""
@@ -79,6 +97,8 @@ def implementations(name, temperature=T):
     found = common.peers(name, temperature)
     found[KERAS_KD] = (None, keras_kd_rows(name, temperature))
     found[PRECISE] = (None, keras_kd_rows(name, temperature, precise=True))
+    if common.backend() == "torch" and name != "global_pointer":
+        found[COMPILED] = (None, compiled_rows(name, temperature))
     return {
         label: (
             loss or (lambda t, s, rows=rows: ops.mean(rows(t, s))),
