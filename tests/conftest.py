@@ -18,6 +18,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # keeps 10 mantissa bits; the suite asks for full float32 products.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+# torch.compile is on by default on CUDA, and one compilation takes tens
+# of seconds: the suite's hundreds of configurations run eagerly there
+# too. tests/ops/test_torch_compile.py turns it on where it checks it.
+os.environ.setdefault("KERAS_KD_TORCH_COMPILE", "0")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
