@@ -14,8 +14,10 @@ from keras_kd.distillers import OfflineDistiller as OfflineDistiller
 from keras_kd.distillers import cache_teacher_outputs as cache_teacher_outputs
 from keras_kd.distillers import load_teacher_outputs as load_teacher_outputs
 from keras_kd.lm import CausalLMDistiller as CausalLMDistiller
+from keras_kd.lm import align_tokens as align_tokens
 from keras_kd.lm import cache_causal_lm_top_k as cache_causal_lm_top_k
 from keras_kd.lm import load_causal_lm_top_k as load_causal_lm_top_k
+from keras_kd.lm import match_vocabularies as match_vocabularies
 from keras_kd.rdrop import RDrop as RDrop
 
 __version__ = "0.1.0"

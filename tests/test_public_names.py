@@ -21,10 +21,12 @@ PUBLIC = {
         "MultiTeacherDistiller",
         "OfflineDistiller",
         "RDrop",
+        "align_tokens",
         "cache_causal_lm_top_k",
         "cache_teacher_outputs",
         "load_causal_lm_top_k",
         "load_teacher_outputs",
+        "match_vocabularies",
     ],
     "keras_kd.ops": [
         "attention_map",
@@ -38,9 +40,12 @@ PUBLIC = {
         "fused_linear_cross_entropy",
         "fused_linear_distillation_loss",
         "fused_linear_divergence",
+        "fused_linear_logit_distance",
+        "fused_linear_token_log_probs",
         "fused_linear_top_k_distillation_loss",
         "fused_linear_top_k_divergence",
         "global_pointer_kl_divergence",
+        "hybrid_logit_distance",
         "jensen_shannon_divergence",
         "kl_divergence",
         "log_probabilities",
@@ -51,6 +56,7 @@ PUBLIC = {
         "sparse_multilabel_categorical_crossentropy",
         "symmetric_kl_divergence",
         "target_class_kd",
+        "universal_logit_distance",
     ],
     "keras_kd.losses": [
         "AttentionTransfer",
@@ -59,6 +65,7 @@ PUBLIC = {
         "FeatureCosineDistance",
         "FeatureMeanSquaredError",
         "GlobalPointerKLDivergence",
+        "HybridLogitDistance",
         "JensenShannonDivergence",
         "KLDivergence",
         "MultilabelCategoricalCrossentropy",
@@ -67,6 +74,7 @@ PUBLIC = {
         "ReverseKLDivergence",
         "SparseMultilabelCategoricalCrossentropy",
         "SymmetricKLDivergence",
+        "UniversalLogitDistance",
     ],
     "keras_kd.layers": [
         "EfficientGlobalPointer",
@@ -91,6 +99,7 @@ REGISTERED = {
     "FeatureMeanSquaredError": "keras_kd.losses",
     "GlobalPointer": "keras_kd.layers",
     "GlobalPointerKLDivergence": "keras_kd.losses",
+    "HybridLogitDistance": "keras_kd.losses",
     "JensenShannonDivergence": "keras_kd.losses",
     "KLDivergence": "keras_kd.losses",
     "MultiTeacherDistiller": "keras_kd",
@@ -105,6 +114,7 @@ REGISTERED = {
     "SpanRecall": "keras_kd.metrics",
     "SparseMultilabelCategoricalCrossentropy": "keras_kd.losses",
     "SymmetricKLDivergence": "keras_kd.losses",
+    "UniversalLogitDistance": "keras_kd.losses",
 }
 
 

@@ -24,6 +24,7 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd._model_utils import no_grad
+from keras_kd.lm import _keras_hub as hub
 
 SAMPLER_NAMES = ("greedy", "random", "top_k", "top_p")
 SOURCES = ("student", "teacher")
@@ -35,14 +36,8 @@ def sampler_from(value):
 
     if isinstance(value, dict):  # from a saved compile config
         value = keras_hub.samplers.deserialize(value)
-    if isinstance(value, str):
-        if value not in SAMPLER_NAMES:
-            # keras-hub's `samplers.get` returns an unknown name unchanged.
-            raise _checks.invalid(
-                "sampler",
-                f"one of {SAMPLER_NAMES} or a `keras_hub.samplers.Sampler`",
-                value,
-            )
+    # keras-hub's `samplers.get` returns an unknown name unchanged.
+    if isinstance(value, str) and value in SAMPLER_NAMES:
         return keras_hub.samplers.get(value)
     if not isinstance(value, keras_hub.samplers.Sampler):
         raise _checks.invalid(
@@ -165,15 +160,15 @@ def complete(
     `max_new_tokens`), and the number of generated tokens per row."""
     token_ids = ops.convert_to_tensor(inputs["token_ids"])
     length = ops.shape(token_ids)[1]
+    frozen = [(v, ops.stop_gradient(v.value)) for v in model.variables]
+    seeds = [
+        (state, ops.cast(seed, state.dtype) + ops.cast([i, 0], state.dtype))
+        for i, state in enumerate(sampler.variables)
+    ]
     if ops.shape(model.backbone.token_embedding.embeddings)[0] > (
         vocabulary_size
     ):
         sampler = _VocabularyBound(sampler, vocabulary_size)
-    frozen = [(v, ops.stop_gradient(v.value)) for v in model.variables]
-    seeds = [
-        (state, ops.cast(seed, state.dtype) + ops.cast([i, 0], state.dtype))
-        for i, state in enumerate(_sampler_state(sampler))
-    ]
     previous = model.sampler
     with no_grad(), keras.StatelessScope(state_mapping=frozen + seeds):
         # `generate_step` samples with `model.sampler`.
@@ -203,17 +198,12 @@ def complete(
     weights = ops.concatenate(
         [weights[:, 1:], ops.zeros_like(weights[:, :1])], axis=1
     )
-    completed = dict(inputs, token_ids=tokens, padding_mask=real)
-    completed["padding_mask"] = ops.cast(
-        real, ops.convert_to_tensor(inputs["padding_mask"]).dtype
+    mask_dtype = ops.convert_to_tensor(inputs["padding_mask"]).dtype
+    completed = dict(
+        inputs, token_ids=tokens, padding_mask=ops.cast(real, mask_dtype)
     )
     lengths = ops.sum(ops.cast(generated, "float32"), axis=1)
     return completed, labels, weights, lengths
-
-
-def _sampler_state(sampler):
-    inner = getattr(sampler, "sampler", sampler)
-    return list(getattr(inner, "variables", []))
 
 
 class ResponsePlan:
@@ -296,7 +286,8 @@ class ResponsePlan:
         if not isinstance(sampler, str):
             import keras_hub
 
-            sampler = keras_hub.samplers.serialize(sampler)
+            # The resolved sampler: the argument may itself be a config.
+            sampler = keras_hub.samplers.serialize(self.sampler)
         return {
             "on_policy_fraction": self.on_policy_fraction,
             "sequence_kd": self.sequence_kd,
@@ -380,3 +371,29 @@ def _essentials(x, labels, weights):
     tokens = ops.convert_to_tensor(x["token_ids"])
     mask = ops.convert_to_tensor(x["padding_mask"])
     return tokens, mask, labels, ops.cast(weights, "float32")
+
+
+def generated_batch(distiller, x, source, sample_weight):
+    """`CausalLMDistiller.generate_responses` up to the NumPy conversion
+    of `x`: its checks, then one generation with the next seed."""
+    if source not in SOURCES:
+        raise _checks.invalid("source", f"one of {SOURCES}", source)
+    if distiller._responses is None:
+        raise ValueError(
+            "Call `distiller.compile(...)` before `generate_responses`: "
+            "the sampler and the stop tokens are compile arguments."
+        )
+    if source == "teacher" and distiller.teacher is None:
+        raise _checks.invalid(
+            "source", '"student" for a distiller without a teacher', source
+        )
+    if hub.is_text(x):
+        x = hub.prompts(distiller.student.preprocessor, x)
+    x = {k: ops.convert_to_tensor(v) for k, v in x.items()}
+    if sample_weight is not None:
+        sample_weight = ops.convert_to_tensor(sample_weight)
+    seed = distiller.seed_generator.next()
+    x, y, weights, _ = distiller._responses.responses(
+        distiller, source, x, sample_weight, seed
+    )
+    return x, y, weights

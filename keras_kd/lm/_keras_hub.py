@@ -21,7 +21,15 @@ from keras_kd import _checks
 
 def check_causal_lm(name, model):
     """`model` if it is a keras-hub `CausalLM` whose logits keras-kd can
-    compute from its hidden states, else a `ValueError` naming `name`."""
+    compute from its hidden states, else a `ValueError` naming `name`.
+
+    Refused rather than computed wrongly: a model whose own `call`
+    replaces its graph (Gemma 4's MTP assistant), whose logits come from
+    another layer than a reversible `token_embedding` (RWKV-7), whose
+    backbone does not output its final hidden states (encoder-decoder
+    `Seq2SeqLM`s), whose graph applies anything else between them and the
+    logits (a slice that drops PaliGemma's or BLIP-2's image positions, a
+    scale), and the heads `output_head` refuses."""
     _checks.model(name, model)
     backbone = getattr(model, "backbone", None)
     head = getattr(backbone, "token_embedding", None)
@@ -32,6 +40,7 @@ def check_causal_lm(name, model):
             "e.g. `keras_hub.models.LlamaCausalLM`)",
             model,
         )
+    _check_logits_graph(model, name)
     output_head(model, name)
     return model
 
@@ -47,18 +56,13 @@ def output_head(model, name="model"):
     `final_logit_cap` (Gemma 4). The kernel keeps its dtype: the fused
     kernels cast it to a `bfloat16` or `float16` model's compute dtype.
 
-    A head whose logits are not `soft_cap(hidden @ kernel)` of the
-    backbone's output is refused with a `ValueError` naming `name` rather
-    than computed wrongly: a model whose own `call` replaces its graph
-    (Gemma 4's MTP assistant), whose logits come from another layer than
-    a reversible `token_embedding` (RWKV-7), whose backbone does not
-    output its final hidden states (encoder-decoder `Seq2SeqLM`s), whose
-    graph applies anything else between them and the logits (a slice that
-    drops PaliGemma's or BLIP-2's image positions, a scale), a quantized
-    head and a head capped twice.
+    The model is one `check_causal_lm` accepted (its graph is the
+    backbone and this head; a graph cannot change later). A head that can
+    change later and then no longer be `soft_cap(hidden @ kernel)` is
+    refused here, on every call, with a `ValueError` naming `name`: a
+    quantized head (`model.quantize(...)`) and a head capped twice.
     """
     head = model.backbone.token_embedding
-    _check_logits_graph(model, name)
     mode = getattr(head, "quantization_mode", None)
     if mode is not None:
         raise _checks.invalid(
@@ -218,14 +222,7 @@ def text_arrays(distiller, x, y, fit_kwargs, name):
     anything else unchanged."""
     if not is_raw_text(x):
         return x, y, fit_kwargs
-    weights = fit_kwargs.get("sample_weight")
-    if y is not None or weights is not None:
-        raise ValueError(
-            f"With raw text in `{name}` the student's preprocessor makes the "
-            "labels and the sample weights: pass neither `y` nor "
-            f"`sample_weight`. Received: y={_short(y)}, "
-            f"sample_weight={_short(weights)}"
-        )
+    check_no_labels(y, fit_kwargs, name)
     preprocessor = getattr(distiller.student, "preprocessor", None)
     if preprocessor is None:
         raise ValueError(
@@ -250,6 +247,18 @@ def text_arrays(distiller, x, y, fit_kwargs, name):
             preprocessor, x["prompts"], x.get("responses"), name
         )
     return x, y, dict(fit_kwargs, sample_weight=weights)
+
+
+def check_no_labels(y, fit_kwargs, name):
+    """A `ValueError` when labels or weights come with raw text."""
+    weights = fit_kwargs.get("sample_weight")
+    if y is not None or weights is not None:
+        raise ValueError(
+            f"With raw text in `{name}` the preprocessors make the labels "
+            "and the sample weights: pass neither `y` nor "
+            f"`sample_weight`. Received: y={_short(y)}, "
+            f"sample_weight={_short(weights)}"
+        )
 
 
 def prompts(preprocessor, texts):

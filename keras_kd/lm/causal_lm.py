@@ -17,10 +17,15 @@ from keras_kd._model_utils import (
 )
 from keras_kd.api import export
 from keras_kd.distillers.distiller import Distiller
+from keras_kd.lm import _cross_tokenizer as cross
 from keras_kd.lm import _keras_hub as hub
 from keras_kd.lm import _loss_terms as loss_terms
 from keras_kd.lm import top_k_cache
-from keras_kd.lm._generation import SOURCES, ResponsePlan, check_room
+from keras_kd.lm._generation import (
+    ResponsePlan,
+    check_room,
+    generated_batch,
+)
 
 
 @export
@@ -29,7 +34,11 @@ class CausalLMDistiller(Distiller):
 
     Student and teacher are keras-hub `CausalLM` models (GPT2, Llama,
     Gemma, Mistral, Qwen, ...) over the same vocabulary (the teacher's may
-    be padded with extra ids, which are ignored). Each step runs both
+    be padded with extra ids, which are ignored), or over two vocabularies
+    with `distillation_loss=UniversalLogitDistance()` or
+    `HybridLogitDistance()`: the batches are then aligned token groups of
+    both tokenizations (`keras_kd.align_tokens`; raw text is aligned by
+    both models' preprocessors). Each step runs both
     backbones once (the teacher in inference mode, gradient-free) and
     applies the output heads chunk by chunk over the tokens with
     `keras_kd.ops.fused_linear_distillation_loss`: the `[tokens, vocab]`
@@ -72,6 +81,10 @@ class CausalLMDistiller(Distiller):
             a top-k cache given with each batch.
         chunk_size: tokens per chunk of the fused loss (`None`: chosen so
             one chunk's logits stay small).
+        seed: the seed of the generation draws (`None`: random).
+        alignment: how raw text is aligned for a teacher with another
+            tokenizer: `"bytes"` (groups of tokens covering the same
+            bytes) or `"positional"` (ULD's pairing by position).
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -98,7 +111,13 @@ class CausalLMDistiller(Distiller):
     """
 
     def __init__(
-        self, student, teacher=None, chunk_size=None, seed=None, **kwargs
+        self,
+        student,
+        teacher=None,
+        chunk_size=None,
+        seed=None,
+        alignment="bytes",
+        **kwargs,
     ):
         hub.check_causal_lm("student", student)
         if teacher is not None:
@@ -110,6 +129,10 @@ class CausalLMDistiller(Distiller):
         if seed is not None:
             seed = _checks.integer("seed", seed, low=0)
         self.seed = seed
+        self.alignment = _checks.choice(
+            "alignment", alignment, cross.ALIGNMENTS
+        )
+        self._cross = None
         # Every generation draw comes from here; its state is saved with
         # the distiller's weights, so a reloaded run resumes its stream.
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -129,29 +152,28 @@ class CausalLMDistiller(Distiller):
         [...]}` (only the responses and their end token are weighted; the
         responses may be left out when every step generates them).
         `validation_data` may be raw text too."""
-        x, y, kwargs = hub.text_arrays(self, x, y, kwargs, "x")
+        x, y, kwargs = cross.text_arrays(self, x, y, kwargs, "x")
         if self._generates():
             check_room(x, kwargs.get("sample_weight"))
         data = kwargs.get("validation_data")
         if hub.is_raw_text(data):
-            data, labels, rest = hub.text_arrays(
+            data, y_val, rest = cross.text_arrays(
                 self, data, None, {}, "validation_data"
             )
-            kwargs["validation_data"] = (data, labels, rest["sample_weight"])
+            kwargs["validation_data"] = (data, y_val, rest.get("sample_weight"))
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`; `x` may be raw text, as in `fit`."""
-        x, y, kwargs = hub.text_arrays(self, x, y, kwargs, "x")
+        x, y, kwargs = cross.text_arrays(self, x, y, kwargs, "x")
         return super().evaluate(x, y, *args, **kwargs)
 
     def call(self, inputs, training=None):
         """The student's final hidden states `[batch, length, hidden]`.
 
-        In a training step that may generate responses the student runs in
-        `compute_loss` instead, on the completed batch (the prompts need
-        the sample weights, which `call` does not see), and this returns an
-        empty `[batch, length, 0]` placeholder."""
+        When a training step may generate, the student runs in
+        `compute_loss` on the completed batch (the prompts need the sample
+        weights) and this returns an empty `[batch, length, 0]`."""
         if training and self._generates():
             shape = ops.shape(inputs["token_ids"])
             return ops.zeros((shape[0], shape[1], 0))
@@ -162,8 +184,7 @@ class CausalLMDistiller(Distiller):
         return self._responses is not None and self._responses.generates
 
     def teacher_predictions(self, x):
-        """The teacher's final hidden states, gradient-free; without a
-        teacher, the cached top-k arrays of the batch `x`."""
+        """The teacher's hidden states (no gradient), or the top-k cache."""
         if self.teacher is None:
             return top_k_cache.cached_teacher(x)
         return frozen_call(self.teacher.backbone, x)
@@ -241,6 +262,9 @@ class CausalLMDistiller(Distiller):
             **kwargs,
         )
         self._responses = responses
+        self._cross = cross.plan(self, self.distillation_loss, responses)
+        if self._cross is not None:
+            return
         divergence = loss_terms.divergence_of(self.distillation_loss)
         if self.teacher is None and divergence != "kl":
             raise _checks.invalid(
@@ -275,12 +299,18 @@ class CausalLMDistiller(Distiller):
             self.generated_length_tracker.update_state(
                 ops.mean(lengths), sample_weight=rows
             )
-        terms = loss_terms.online
-        if self.teacher is None:
-            terms = loss_terms.offline
-        total, student, distillation = terms(
-            self, x, y, y_pred, self._token_mask(x, sample_weight), alpha
-        )
+        if cross.is_aligned(x) or self._cross is not None:
+            total, student, distillation = cross.terms(
+                self, x, y, y_pred, sample_weight, alpha
+            )
+        else:
+            terms = loss_terms.online
+            if self.teacher is None:
+                terms = loss_terms.offline
+            mask = self._token_mask(x, sample_weight)
+            total, student, distillation = terms(
+                self, x, y, y_pred, mask, alpha
+            )
         if scale is not None:
             total = total * ops.cast(scale, total.dtype)
         regularization = self._regularization()
@@ -331,39 +361,20 @@ class CausalLMDistiller(Distiller):
             token ids and padding mask, next-token labels, and weight 1 on
             each generated label.
         """
-        if source not in SOURCES:
-            raise _checks.invalid("source", f"one of {SOURCES}", source)
-        if self._responses is None:
-            raise ValueError(
-                "Call `distiller.compile(...)` before `generate_responses`: "
-                "the sampler and the stop tokens are compile arguments."
-            )
-        if source == "teacher" and self.teacher is None:
-            raise _checks.invalid(
-                "source", '"student" for a distiller without a teacher', source
-            )
-        if hub.is_text(x):
-            x = hub.prompts(self.student.preprocessor, x)
-        x = {k: ops.convert_to_tensor(v) for k, v in x.items()}
-        if sample_weight is not None:
-            sample_weight = ops.convert_to_tensor(sample_weight)
-        x, y, weights, _ = self._responses.responses(
-            self, source, x, sample_weight, self.seed_generator.next()
-        )
+        x, y, weights = generated_batch(self, x, source, sample_weight)
         x = {k: ops.convert_to_numpy(v) for k, v in x.items()}
         return x, ops.convert_to_numpy(y), ops.convert_to_numpy(weights)
 
     def _token_mask(self, x, sample_weight):
-        if sample_weight is not None:
-            return sample_weight
-        if isinstance(x, dict) and "padding_mask" in x:
-            return x["padding_mask"]
-        return None
+        if sample_weight is None and isinstance(x, dict):
+            return x.get("padding_mask")
+        return sample_weight
 
     def get_config(self):
         config = super().get_config()
         config["chunk_size"] = self.chunk_size
         config["seed"] = self.seed
+        config["alignment"] = self.alignment
         return config
 
     def get_compile_config(self):

@@ -1,6 +1,12 @@
 """Loss classes: thin `keras.losses.Loss` wrappers over `keras_kd.ops`."""
 
 from keras_kd.losses.base import DivergenceLoss as DivergenceLoss
+from keras_kd.losses.cross_tokenizer import (
+    HybridLogitDistance as HybridLogitDistance,
+)
+from keras_kd.losses.cross_tokenizer import (
+    UniversalLogitDistance as UniversalLogitDistance,
+)
 from keras_kd.losses.divergences import (
     JensenShannonDivergence as JensenShannonDivergence,
 )

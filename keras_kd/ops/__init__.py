@@ -88,6 +88,12 @@ from keras_kd.ops._features import (
 from keras_kd.ops._features import (
     feature_mean_squared_error as feature_mean_squared_error,
 )
+from keras_kd.ops._fused_cross_vocab import (
+    fused_linear_logit_distance as fused_linear_logit_distance,
+)
+from keras_kd.ops._fused_cross_vocab import (
+    fused_linear_token_log_probs as fused_linear_token_log_probs,
+)
 from keras_kd.ops._fused_linear import (
     fused_linear_cross_entropy as fused_linear_cross_entropy,
 )
@@ -121,6 +127,12 @@ from keras_kd.ops._multilabel import (
 from keras_kd.ops._multilabel import (
     sparse_multilabel_mask as sparse_multilabel_mask,
 )
+from keras_kd.ops._sorted_distance import (
+    hybrid_logit_distance as hybrid_logit_distance,
+)
+from keras_kd.ops._sorted_distance import (
+    universal_logit_distance as universal_logit_distance,
+)
 from keras_kd.ops._torch_compile import (
     set_torch_compile as set_torch_compile,
 )
@@ -140,10 +152,13 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_distillation_loss",
     "fused_linear_divergence",
+    "fused_linear_logit_distance",
+    "fused_linear_token_log_probs",
     "fused_linear_top_k",
     "fused_linear_top_k_distillation_loss",
     "fused_linear_top_k_divergence",
     "global_pointer_kl_divergence",
+    "hybrid_logit_distance",
     "jensen_shannon_divergence",
     "kl_divergence",
     "log_probabilities",
@@ -157,4 +172,5 @@ __all__ = [
     "symmetric_kl_divergence",
     "target_class_kd",
     "torch_compile_enabled",
+    "universal_logit_distance",
 ]

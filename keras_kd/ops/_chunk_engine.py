@@ -321,21 +321,22 @@ def token_weights_and_labels(mask, labels, rows, dtype):
     return weights, labels
 
 
-def with_student_gradients(compute, tensors):
-    """`compute(tensors, gradients) -> (out, d_hidden, d_kernel)` as a
-    function of `tensors` whose gradient goes to the first two (the
-    student's hidden states and kernel), scaled by the upstream gradient
-    of `out[0]`, and to nothing else."""
+def with_student_gradients(compute, tensors, count=2):
+    """`compute(tensors, gradients) -> (out, *grads)` as a function of
+    `tensors` whose gradient goes to the first `count` (the student's
+    hidden states and kernel, and any other student input with a
+    closed-form gradient), each scaled by the upstream gradient of
+    `out[0]`, and to nothing else. `grads` come flat or in the inputs'
+    shapes."""
     if keras.backend.backend() == "torch" and not _torch_needs_gradient(
-        tensors[:2]
+        tensors[:count]
     ):
         # Evaluation: skip the two gradient matmuls of every chunk.
         return compute(tensors, gradients=False)[0]
 
     @ops.custom_gradient
     def forward(*tensors):
-        out, d_hidden, d_kernel = compute(tensors, gradients=True)
-        hidden, kernel = tensors[:2]
+        out, *found = compute(tensors, gradients=True)
 
         def grad(*args, upstream=None):
             if upstream is None:
@@ -343,13 +344,14 @@ def with_student_gradients(compute, tensors):
             # Scaled in the gradients' own dtype: no float32 copy of a
             # half-precision [H, V] kernel gradient.
             up = upstream[0]
-            g_hidden = d_hidden * ops.cast(up, d_hidden.dtype)
-            g_hidden = ops.reshape(g_hidden, ops.shape(hidden))
-            g_kernel = d_kernel * ops.cast(up, d_kernel.dtype)
-            return (
-                ops.cast(g_hidden, hidden.dtype),
-                ops.cast(g_kernel, kernel.dtype),
-            ) + (None,) * (len(tensors) - 2)
+            grads = tuple(
+                ops.cast(
+                    ops.reshape(g * ops.cast(up, g.dtype), ops.shape(x)),
+                    x.dtype,
+                )
+                for g, x in zip(found, tensors)
+            )
+            return grads + (None,) * (len(tensors) - count)
 
         return out, grad
 
