@@ -28,6 +28,7 @@ import re
 
 import numpy as np
 
+from keras_kd import _checks
 from keras_kd.lm._token_bytes import NORMAL, SPECIAL
 
 _WHITESPACE = re.compile(rb"[ \t\n\r\f\v]*")
@@ -296,3 +297,64 @@ def _extend(starts, ends, size):
             for j in range(k + 1, len(ends)):
                 starts[j] = ends[j] = size
             return
+
+
+class _Short:
+    """A value whose repr is cut to a readable length."""
+
+    def __init__(self, value, limit=120):
+        self.text = repr(value)
+        if len(self.text) > limit:
+            self.text = self.text[: limit - 3] + "..."
+
+    def __repr__(self):
+        return self.text
+
+
+def text_pairs(texts):
+    """`(prompts or None, responses)`: lists of strings."""
+    if isinstance(texts, dict):
+        if set(texts) != {"prompts", "responses"}:
+            raise _checks.invalid(
+                "texts",
+                "a list of strings or a dict with exactly the keys "
+                "'prompts' and 'responses'",
+                _Short(texts),
+            )
+        prompts = _strings(texts["prompts"], "texts['prompts']", True)
+        responses = _strings(texts["responses"], "texts['responses']")
+        if len(prompts) != len(responses):
+            raise _checks.invalid(
+                "texts",
+                "one response per prompt, not "
+                f"{len(prompts)} prompts and {len(responses)} responses",
+                _Short(texts),
+            )
+        return prompts, responses
+    return None, _strings(texts, "texts")
+
+
+def _strings(values, name, allow_empty=False):
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise _checks.invalid(
+            name,
+            "a list, tuple or 1-D NumPy array of strings",
+            _Short(values),
+        )
+    if not values:
+        raise _checks.invalid(name, "at least one string", _Short(values))
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, (bytes, np.bytes_)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        if not isinstance(value, str):
+            raise _checks.invalid(f"{name}[{i}]", "a string", _Short(value))
+        if not value and not allow_empty:
+            raise _checks.invalid(f"{name}[{i}]", "a non-empty string", value)
+        out.append(str(value))
+    return out

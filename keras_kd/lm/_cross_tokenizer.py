@@ -20,6 +20,7 @@ from keras_kd import _checks
 from keras_kd import ops as kd_ops
 from keras_kd._model_utils import frozen_call
 from keras_kd.lm import _keras_hub as hub
+from keras_kd.lm._cross_generation import epoch_data
 from keras_kd.lm._token_bytes import tokenizer_of, vocabulary_match
 from keras_kd.lm.alignment import align_tokens
 from keras_kd.losses.cross_tokenizer import CrossVocabularyLoss
@@ -161,8 +162,17 @@ class CrossTokenizer:
             logit_soft_cap=cap,
         )
         weights = ops.cast(response, log_p.dtype)
-        count = ops.sum(weights)
-        cross_entropy = -ops.sum(log_p * weights) / ops.maximum(count, 1.0)
+        logged = _mean(log_p, weights)
+        trained = logged
+        if "student_written" in x:
+            # No cross-entropy on the student's own samples (logged all
+            # the same, as on a same-tokenizer on-policy step).
+            own = ops.cast(x["student_written"], log_p.dtype)
+            lengths = ops.sum(weights, axis=1) * own
+            distiller.generated_length_tracker.update_state(
+                ops.mean(lengths), sample_weight=ops.shape(own)[0]
+            )
+            trained = _mean(log_p, weights * (1.0 - own[:, None]))
         teacher_hidden = frozen_call(
             distiller.teacher.backbone,
             {
@@ -203,12 +213,14 @@ class CrossTokenizer:
             teacher_vocabulary_size=self.sizes[1],
         )
         alpha = ops.cast(alpha, distance.dtype)
-        total = alpha * cross_entropy + (1.0 - alpha) * distance
-        return (
-            total,
-            ops.stop_gradient(cross_entropy),
-            ops.stop_gradient(distance),
-        )
+        total = alpha * trained + (1.0 - alpha) * distance
+        return total, ops.stop_gradient(logged), ops.stop_gradient(distance)
+
+
+def _mean(log_p, weights):
+    """The cross-entropy: the weighted mean of `-log_p` (0 for no weight)."""
+    count = ops.maximum(ops.sum(weights), 1.0)
+    return -ops.sum(log_p * weights) / count
 
 
 def _side(x, ids_key, groups_key, starts_key):
@@ -255,20 +267,30 @@ def plan(distiller, loss, responses):
     if not isinstance(loss, CrossVocabularyLoss):
         check_same_vocabulary(distiller)
         return None
-    if responses.generates:
+    if responses.sequence_kd:
         raise _checks.invalid(
-            "on_policy_fraction",
-            "0 and `sequence_kd=False` for a teacher with another tokenizer "
-            "(generated text would have to be decoded and re-tokenized on "
-            "the host, outside the training step)",
-            responses.on_policy_fraction,
+            "sequence_kd",
+            "`False` for a teacher with another tokenizer (the teacher "
+            "would write in its own tokens, from prompts tokenized its way; "
+            "on-policy generation is available)",
+            responses.sequence_kd,
         )
     return CrossTokenizer(distiller, loss, distiller.alignment)
 
 
-def text_arrays(distiller, x, y, fit_kwargs, name):
+def text_arrays(distiller, x, y, fit_kwargs, name, fit=False):
     """`_keras_hub.text_arrays`, or the aligned batch of raw text for a
-    teacher with another tokenizer."""
+    teacher with another tokenizer: for `fit` with on-policy generation,
+    a dataset whose responses the student rewrites every epoch."""
+    generates = fit and distiller._cross and distiller._responses.generates
+    if generates and not hub.is_raw_text(x):
+        raise _checks.invalid(
+            name,
+            "raw text (strings, or prompts and responses) for on-policy "
+            "distillation from a teacher with another tokenizer: the "
+            "student's samples are decoded and aligned again every epoch",
+            type(x).__name__,
+        )
     if distiller._cross is None or not hub.is_raw_text(x):
         if isinstance(x, dict):
             # Checked here too: an error inside a JAX step leaves the
@@ -276,6 +298,9 @@ def text_arrays(distiller, x, y, fit_kwargs, name):
             check_batch(distiller, x, y, fit_kwargs.get("sample_weight"))
         return hub.text_arrays(distiller, x, y, fit_kwargs, name)
     hub.check_no_labels(y, fit_kwargs, name)
+    if generates:
+        data, fit_kwargs = epoch_data(distiller, x, fit_kwargs, name)
+        return data, None, fit_kwargs
     return distiller._cross.arrays(distiller, x, name), None, fit_kwargs
 
 

@@ -185,7 +185,7 @@ def _is_string(item):
 def preprocess(preprocessor, texts):
     """`(x, y, sample_weight)` NumPy arrays from the student's keras-hub
     `CausalLMPreprocessor` over `texts`."""
-    texts = _strings(texts)
+    texts = strings(texts)
     parts = []
     for start in range(0, len(texts), _BLOCK):
         x, y, weights = preprocessor(texts[start : start + _BLOCK])
@@ -282,9 +282,9 @@ def preprocess_pairs(preprocessor, prompts, responses, name):
     responses the rows are prompts alone, with no end token (as keras-hub
     prepares prompts for `generate`), and `y` is `None`.
     """
-    prompts = _strings(prompts)
+    prompts = strings(prompts)
     if responses is not None:
-        responses = _strings(responses)
+        responses = strings(responses)
         if len(responses) != len(prompts):
             raise ValueError(
                 f"`{name}` needs one response per prompt. Received: "
@@ -315,7 +315,7 @@ def preprocess_pairs(preprocessor, prompts, responses, name):
     return x, tokens[:, 1:], trained[:, 1:].astype("float32")
 
 
-def _strings(texts):
+def strings(texts):
     if isinstance(texts, (str, bytes)):
         texts = [texts]
     return [

@@ -4,7 +4,7 @@ distillation between models with different tokenizers."""
 import numpy as np
 
 from keras_kd import _checks
-from keras_kd.lm._byte_spans import flat_tokens
+from keras_kd.lm._byte_spans import flat_tokens, text_pairs
 from keras_kd.lm._token_bytes import (
     token_bytes,
     tokenizer_of,
@@ -92,7 +92,7 @@ def align_tokens(
     ):
         if not isinstance(value, (bool, np.bool_)):
             raise _checks.invalid(name, "a bool", value)
-    prompts, responses = _texts(texts)
+    prompts, responses = text_pairs(texts)
     sides = [
         _Side(obj, name, add_start_token, add_end_token)
         for obj, name in (
@@ -342,64 +342,3 @@ def _lengths(sequence_length, teacher_sequence_length, sides):
     if teacher is None:
         teacher = sides[1].length if sides[1].length is not None else student
     return student, teacher
-
-
-class _Short:
-    """A value whose repr is cut to a readable length."""
-
-    def __init__(self, value, limit=120):
-        self.text = repr(value)
-        if len(self.text) > limit:
-            self.text = self.text[: limit - 3] + "..."
-
-    def __repr__(self):
-        return self.text
-
-
-def _texts(texts):
-    """`(prompts or None, responses)`: lists of strings."""
-    if isinstance(texts, dict):
-        if set(texts) != {"prompts", "responses"}:
-            raise _checks.invalid(
-                "texts",
-                "a list of strings or a dict with exactly the keys "
-                "'prompts' and 'responses'",
-                _Short(texts),
-            )
-        prompts = _strings(texts["prompts"], "texts['prompts']", True)
-        responses = _strings(texts["responses"], "texts['responses']")
-        if len(prompts) != len(responses):
-            raise _checks.invalid(
-                "texts",
-                "one response per prompt, not "
-                f"{len(prompts)} prompts and {len(responses)} responses",
-                _Short(texts),
-            )
-        return prompts, responses
-    return None, _strings(texts, "texts")
-
-
-def _strings(values, name, allow_empty=False):
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise _checks.invalid(
-            name,
-            "a list, tuple or 1-D NumPy array of strings",
-            _Short(values),
-        )
-    if not values:
-        raise _checks.invalid(name, "at least one string", _Short(values))
-    out = []
-    for i, value in enumerate(values):
-        if isinstance(value, (bytes, np.bytes_)):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-        if not isinstance(value, str):
-            raise _checks.invalid(f"{name}[{i}]", "a string", _Short(value))
-        if not value and not allow_empty:
-            raise _checks.invalid(f"{name}[{i}]", "a non-empty string", value)
-        out.append(str(value))
-    return out

@@ -152,7 +152,7 @@ class CausalLMDistiller(Distiller):
         [...]}` (only the responses and their end token are weighted; the
         responses may be left out when every step generates them).
         `validation_data` may be raw text too."""
-        x, y, kwargs = cross.text_arrays(self, x, y, kwargs, "x")
+        x, y, kwargs = cross.text_arrays(self, x, y, kwargs, "x", fit=True)
         if self._generates():
             check_room(x, kwargs.get("sample_weight"))
         data = kwargs.get("validation_data")
@@ -180,8 +180,9 @@ class CausalLMDistiller(Distiller):
         backbone = self.student.backbone
         return backbone(inputs_for(backbone, inputs), training=training)
 
-    def _generates(self):
-        return self._responses is not None and self._responses.generates
+    def _generates(self, in_step=True):  # across tokenizers: per epoch
+        plan, step = self._responses, in_step and self._cross is not None
+        return plan is not None and plan.generates and not step
 
     def teacher_predictions(self, x):
         """The teacher's hidden states (no gradient), or the top-k cache."""
@@ -332,13 +333,13 @@ class CausalLMDistiller(Distiller):
     @property
     def metrics(self):
         metrics = super().metrics
-        if self._generates():
+        if self._generates(in_step=False):
             return metrics
         own = (self._generated_term, self.generated_length_tracker)
         return [m for m in metrics if all(m is not o for o in own)]
 
     def _extra_terms(self):
-        return [self._generated_term] if self._generates() else []
+        return [self._generated_term] if self._generates(False) else []
 
     def generate_responses(self, x, source="student", sample_weight=None):
         """The batch a training step would train on, with the responses

@@ -147,6 +147,14 @@ def _check_language_models(ns):
     if "on_policy" in ns:
         assert 0 < ns["logs"]["generated_length"][-1] <= 6
         assert ns["w"].sum() > 0
+    if "cross" in ns:
+        assert set(ns["cross_logs"]) == {
+            "loss",
+            "student_loss",
+            "distillation_loss",
+        }
+        groups = ns["batch"]["group_mask"].sum()
+        assert 0 < ns["batch"]["one_to_one"].sum() < groups
     assert _value(ns["fused"]) == pytest.approx(_value(ns["dense"]), rel=1e-5)
 
 

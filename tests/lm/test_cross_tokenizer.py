@@ -27,10 +27,13 @@ LETTERS = sorted(set("".join(TEXTS).replace(" ", "")))
 
 def tokenizer(merges=True):
     """GPT-2 byte-level BPE; without merges every character is a token."""
-    vocabulary = {"<|endoftext|>": 0, "Ġ": 1}
+    vocabulary = {"Ġ": 0}
     extra = ["th", "Ġth", "at", "Ġthe"] if merges else []
+    # The end token is not GPT-2's pad id 0: generation would read the
+    # padding after a prompt as a stop.
     for token in LETTERS + ["Ġ" + c for c in LETTERS] + extra:
         vocabulary.setdefault(token, len(vocabulary))
+    vocabulary["<|endoftext|>"] = len(vocabulary)
     rules = ["t h", "Ġ th", "a t", "Ġth e"] if merges else []
     return keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary, merges=rules)
 
@@ -293,13 +296,6 @@ def test_errors_name_the_argument():
     bare = gpt2(tokenizer(), 2, 32, 0, with_preprocessor=False)
     with pytest.raises(ValueError, match="teacher"):
         compiled(student, bare, losses.UniversalLogitDistance())
-    model = keras_kd.CausalLMDistiller(student, teacher)
-    with pytest.raises(ValueError, match="on_policy_fraction"):
-        model.compile(
-            "sgd",
-            distillation_loss=losses.UniversalLogitDistance(),
-            on_policy_fraction=0.5,
-        )
     with pytest.raises(ValueError, match="alignment"):
         keras_kd.CausalLMDistiller(student, teacher, alignment="chars")
     model = compiled(student, teacher, losses.UniversalLogitDistance())
@@ -329,3 +325,90 @@ def test_match_vocabularies_pairs_tokens_of_the_same_text():
     assert len(reverse[0]) == len(student_ids)
     with pytest.raises(ValueError, match="teacher_tokenizer"):
         keras_kd.match_vocabularies(char, "not a tokenizer")
+
+
+# ------------------------------------------------ on-policy across tokenizers
+
+PAIRS = {
+    "prompts": ["the cat", "a dog", "the dog", "cats and"],
+    "responses": [" sat", " ran", " sat on", " dogs"],
+}
+
+
+def on_policy(fraction, alpha=0.4, optimizer=None, **kwargs):
+    student, teacher = char_student(), bpe_teacher()
+    model = keras_kd.CausalLMDistiller(student, teacher, seed=0)
+    model.compile(
+        optimizer or keras.optimizers.SGD(0.0),
+        distillation_loss=losses.HybridLogitDistance(),
+        alpha=alpha,
+        on_policy_fraction=fraction,
+        sampler="greedy",
+        max_new_tokens=3,
+        **kwargs,
+    )
+    return model
+
+
+def test_on_policy_rows_are_the_students_own_text_aligned_again():
+    from keras_kd.lm._cross_generation import EpochResponses
+
+    model = on_policy(1.0)
+    data = EpochResponses(model, PAIRS, 2, False, "x")
+    student = model.student
+    student.compile(sampler="greedy")
+    tokenizer = student.preprocessor.tokenizer
+    end = tokenizer.end_token_id
+    for row, prompt in enumerate(PAIRS["prompts"]):
+        prompt_tokens = len(tokenizer(prompt)) + 1  # and the start token
+        text = student.generate(prompt, max_length=prompt_tokens + 3)
+        ids = data.arrays["token_ids"][row][data.arrays["response_mask"][row]]
+        ids = ids[ids != end]
+        written = keras.ops.convert_to_numpy(tokenizer.detokenize(ids))
+        written = written.item() if hasattr(written, "item") else written
+        written = written.decode() if isinstance(written, bytes) else written
+        assert text == prompt + written and written
+    assert data.arrays["student_written"].tolist() == [1.0] * 4
+    assert (data.arrays["group_mask"].sum(axis=1) > 0).all()
+
+
+def test_on_policy_fraction_picks_rows_per_epoch_and_refreshes_them(
+    monkeypatch,
+):
+    from keras_kd.lm import _cross_generation
+
+    seen = []
+    refresh = _cross_generation.EpochResponses.refresh
+
+    def recorded(self, epoch):
+        refresh(self, epoch)
+        seen.append((epoch, self.arrays["student_written"].copy()))
+
+    monkeypatch.setattr(_cross_generation.EpochResponses, "refresh", recorded)
+    model = on_policy(0.5, optimizer=keras.optimizers.Adam(1e-2))
+    logs = model.fit(PAIRS, epochs=3, batch_size=2, verbose=0).history
+    assert [epoch for epoch, _ in seen] == [0, 1, 2]
+    written = np.stack([w for _, w in seen])
+    assert 0 < written.mean() < 1  # some rows of some epochs, not all
+    expected = written.sum(axis=1) > 0
+    assert [g > 0 for g in logs["generated_length"]] == expected.tolist()
+    assert all(np.isfinite(v).all() for v in logs.values())
+
+
+def test_no_cross_entropy_is_trained_on_the_students_own_samples():
+    model = on_policy(1.0, alpha=1.0, optimizer=keras.optimizers.SGD(1.0))
+    before = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    logs = model.fit(PAIRS, epochs=1, batch_size=4, verbose=0).history
+    after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    assert logs["loss"] == [0.0] and logs["student_loss"][0] > 0
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_on_policy_across_tokenizers_errors():
+    with pytest.raises(ValueError, match="sequence_kd"):
+        on_policy(0.0, sequence_kd=True)
+    model = on_policy(0.5)
+    x = aligned(model.student, model.teacher, PAIRS)
+    with pytest.raises(ValueError, match="raw text"):
+        model.fit(x, verbose=0)
