@@ -31,6 +31,8 @@ MODULES = [
     "bench_rdrop",
     "bench_causal_lm",
     "bench_on_policy",
+    "bench_alignment",
+    "bench_cross_vocab",
 ]
 BACKENDS = ["tensorflow", "torch", "jax"]
 

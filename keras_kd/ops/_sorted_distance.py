@@ -47,6 +47,7 @@ from keras_kd.ops._core import (
     validate_temperature,
 )
 from keras_kd.ops._softmax_terms import _log_mixture
+from keras_kd.ops._top_k_buckets import place
 
 DISTANCES = ("universal", "hybrid")
 
@@ -78,20 +79,9 @@ def sorted_l1_terms(a, b, gradient=True):
     # d/da_v = sign(sort(a) - sort(b)) at v's rank: the inverse permutation
     # of `order` gives each id its rank.
     slope = ops.sign(diff[..., : a.shape[-1]])
-    return value, a * _unsort(slope, order)
-
-
-def _unsort(sorted_values, order):
-    """`x` with `x[..., order] = sorted_values` (rows of `[n, V]`): a
-    scatter, cheaper than sorting `order` for its inverse."""
-    rows, width = ops.shape(order)[0], order.shape[-1]
-    row = ops.broadcast_to(
-        ops.expand_dims(ops.arange(rows, dtype=order.dtype), -1),
-        ops.shape(order),
-    )
-    index = ops.stack([ops.reshape(row, (-1,)), ops.reshape(order, (-1,))], 1)
-    flat = ops.reshape(sorted_values, (-1,))
-    return ops.scatter(index, flat, (rows, width))
+    # Each id takes the slope at its rank: a scatter by `order` (cheaper
+    # than sorting `order` for its inverse).
+    return value, a * place(order, slope, a.shape[-1])
 
 
 def matched_terms(log_p, log_q, beta):
