@@ -81,7 +81,10 @@ def check_same_vocabulary(distiller):
     ]
     differ = sizes[1] < sizes[0]
     if not differ and None not in tokenizers:
-        vocabularies = [_vocabulary(t) for t in tokenizers]
+        try:
+            vocabularies = [_vocabulary(t) for t in tokenizers]
+        except ValueError:
+            return  # a reloaded model's vocabulary is not loaded yet
         sizes = [len(v) for v in vocabularies]
         differ = vocabularies[0] != vocabularies[1]
     if differ:
@@ -97,9 +100,11 @@ def check_same_vocabulary(distiller):
 
 
 class CrossTokenizer:
-    """What a distiller needs to distill across tokenizers, found once at
-    `compile`: both tokenizers, their vocabulary sizes, and for the
-    hybrid distance the pairs of ids that stand for the same text."""
+    """What a distiller needs to distill across tokenizers: both
+    tokenizers (checked at `compile`), their vocabulary sizes and, for the
+    hybrid distance, the pairs of ids that stand for the same text (found
+    at the first step: a reloaded model's vocabularies come after its
+    `compile`)."""
 
     def __init__(self, distiller, loss, alignment):
         if distiller.teacher is None:
@@ -115,11 +120,17 @@ class CrossTokenizer:
             _tokenizer(distiller.student, "student"),
             _tokenizer(distiller.teacher, "teacher"),
         )
-        self.sizes = tuple(int(t.vocabulary_size()) for t in self.tokenizers)
         self.loss = loss
-        self.matched_ids = None
-        if loss.distance == "hybrid":
-            self.matched_ids = vocabulary_match(*self.tokenizers)
+
+    @property
+    def sizes(self):
+        return tuple(int(t.vocabulary_size()) for t in self.tokenizers)
+
+    @property
+    def matched_ids(self):
+        if self.loss.distance != "hybrid":
+            return None
+        return vocabulary_match(*self.tokenizers)  # cached per pair
 
     def arrays(self, distiller, x, name):
         """The aligned batch of raw text `x` (strings or prompt/response
