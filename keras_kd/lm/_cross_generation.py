@@ -25,7 +25,7 @@ from keras_kd.lm.alignment import align_tokens
 def _text_pairs(x, name):
     """`(prompts, responses)` lists of raw text `x`."""
     if hub.is_text(x):
-        texts = [str(t) for t in hub.strings(x)]
+        texts = hub.strings(x)
         return [""] * len(texts), texts
     if "responses" not in x:
         raise _checks.invalid(
@@ -34,8 +34,7 @@ def _text_pairs(x, name):
             "rewrite train on the dataset's responses",
             x,
         )
-    prompts = [str(t) for t in hub.strings(x["prompts"])]
-    return prompts, [str(t) for t in hub.strings(x["responses"])]
+    return hub.strings(x["prompts"]), hub.strings(x["responses"])
 
 
 def _decoded(tokenizer, ids):

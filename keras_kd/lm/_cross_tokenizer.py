@@ -22,7 +22,7 @@ from keras_kd._model_utils import frozen_call
 from keras_kd.lm import _keras_hub as hub
 from keras_kd.lm._cross_generation import epoch_data
 from keras_kd.lm._token_bytes import tokenizer_of, vocabulary_match
-from keras_kd.lm.alignment import align_tokens
+from keras_kd.lm.alignment import ALIGNMENTS, align_tokens
 from keras_kd.losses.cross_tokenizer import CrossVocabularyLoss
 
 # The arrays of an aligned batch (`keras_kd.align_tokens`).
@@ -38,7 +38,6 @@ ALIGNED_KEYS = (
     "teacher_group_starts",
     "group_mask",
 )
-ALIGNMENTS = ("bytes", "positional")
 
 
 def is_aligned(x):

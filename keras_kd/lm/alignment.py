@@ -11,7 +11,7 @@ from keras_kd.lm._token_bytes import (
     vocabulary_match,
 )
 
-_ALIGNMENTS = ("bytes", "positional")
+ALIGNMENTS = ("bytes", "positional")
 
 
 def align_tokens(
@@ -84,7 +84,7 @@ def align_tokens(
         position, 1 for unused slots), `group_mask` float32 `[n, G]` and
         `one_to_one` bool `[n, G]` (one token on each side).
     """
-    _checks.choice("alignment", alignment, _ALIGNMENTS)
+    _checks.choice("alignment", alignment, ALIGNMENTS)
     for name, value in (
         ("add_start_token", add_start_token),
         ("add_end_token", add_end_token),

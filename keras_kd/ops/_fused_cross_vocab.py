@@ -271,7 +271,7 @@ def fused_linear_logit_distance(
         teacher_vocabulary_size,
     )
     args.same_leading("teacher_hidden", t_hidden, hidden, extra_dims=1)
-    inputs = {"mask": mask}
+    inputs = {}
     for name, value in (
         ("student_log_scale", student_log_scale),
         ("teacher_log_scale", teacher_log_scale),
