@@ -14,11 +14,11 @@ from keras_kd.ops._gradients import (
     torch_eager,
     with_gradient,
 )
-from keras_kd.ops._softmax_terms import (
+from keras_kd.ops._softmax_driver import (
     _optimistic_pair,
-    kl_terms,
     reference_divergence,
 )
+from keras_kd.ops._softmax_terms import kl_terms
 
 
 def sparse_crossentropy_and_kl_divergence(
@@ -151,7 +151,7 @@ def sparse_crossentropy_and_kl_divergence(
 
 def _terms(t, s, labels, temperature, precise, teacher_grad, optimistic):
     """`(cross_entropy, divergence, softmax(s), kl_grads)`; `optimistic`:
-    torch's unguarded path (see `_softmax_terms._optimistic_pair`)."""
+    torch's unguarded path (see `_softmax_driver._optimistic_pair`)."""
     if optimistic:
         log_q1 = ops.log_softmax(s, axis=-1)
         q1 = ops.softmax(s, axis=-1)

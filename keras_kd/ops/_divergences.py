@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_kd.ops._core import (
     _as_float,
+    _check_same_shape,
     _finite_log_probabilities,
     _logits_of,
     _pair,
@@ -12,8 +13,9 @@ from keras_kd.ops._core import (
     validate_temperature,
 )
 from keras_kd.ops._gradients import resolve_precise
+from keras_kd.ops._half_logits import keeps_half
+from keras_kd.ops._softmax_driver import softmax_divergence
 from keras_kd.ops._softmax_terms import _log_mixture as _log_mixture
-from keras_kd.ops._softmax_terms import softmax_divergence
 
 # ------------------------------------------------------------- divergences
 #
@@ -37,7 +39,12 @@ def _divergence(
 ):
     temperature = validate_temperature(temperature)
     precise = resolve_precise(precise)
-    t, s = _pair(y_true, y_pred)
+    t, s = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+    _check_same_shape(t, s)
+    if keeps_half(t, s, from_logits, axis):
+        # Never a float32 copy of either (see `_half_logits`).
+        return softmax_divergence(kind, t, s, temperature, axis, precise, beta)
+    t, s = _pair(t, s)
     # Probabilities become logits outside the closed-form gradient, so
     # autodiff carries it through the log.
     t, s = _logits_of(t, from_logits), _logits_of(s, from_logits)

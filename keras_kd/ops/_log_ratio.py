@@ -313,7 +313,7 @@ def _at_least(x, low):
 
 def optimistic_precise(pair, t, s, temperature, axis):
     """Makes an unguarded pair (torch's optimistic path, see
-    `_softmax_terms._optimistic_pair`) precise, without the guards for
+    `_softmax_driver._optimistic_pair`) precise, without the guards for
     `-inf` either: those make the value non-finite, and the caller then
     takes the guarded path."""
     top_t = ops.stop_gradient(_reduce_max(t, axis))

@@ -1,5 +1,5 @@
 """Values and closed-form gradients of the softmax divergences (KL,
-symmetric KL, generalized JSD) from a `Pair`, and the driver that turns
+symmetric KL, generalized JSD) from a `Pair`; `_softmax_driver.py` turns
 them into differentiable functions of the logits.
 
 Each `*_terms(pair, ...)` returns `(value, grads)`: the divergence per row
@@ -28,15 +28,8 @@ import numpy as np
 from keras import ops
 
 from keras_kd.ops import _log_ratio as lr
-from keras_kd.ops._core import (
-    _constant,
-    _log_softmax,
-    _reduce_max,
-    dtype_of,
-)
-from keras_kd.ops._gradients import torch_eager, with_gradient
+from keras_kd.ops._core import _constant, dtype_of
 from keras_kd.ops._rowdot import rowdot, rowdot_difference
-from keras_kd.ops._torch_compile import maybe_compiled, torch_compile_enabled
 
 
 def _non_negative(x):
@@ -249,152 +242,8 @@ TERMS = {
 }
 
 
-# ------------------------------------------------------------------ driver
-
-
 def _expand(x, axis, ndim):
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     for a in sorted(a % ndim for a in axes):
         x = ops.expand_dims(x, a)
     return x
-
-
-def _squeeze(x, axis):
-    return ops.squeeze(x, axis=axis)
-
-
-def _plain_scaled(x, temperature, axis):
-    """`x / T` with at most one rounding per entry of the differences
-    that matter: exact for a power of two, else after subtracting the row
-    maximum (for logits near 1e4, `x / T` alone loses 1e-4). A tensor
-    temperature (a `keras.Variable` under a scheduler) is not known here,
-    so it takes the general form."""
-    if not isinstance(temperature, float):
-        top = ops.stop_gradient(_reduce_max(x, axis))
-        return (x - top) / ops.cast(temperature, x.dtype)
-    if temperature == 1.0:
-        return x
-    if math.frexp(temperature)[0] == 0.5:
-        return x * (1.0 / temperature)
-    top = ops.stop_gradient(_reduce_max(x, axis))
-    return (x - top) * (1.0 / temperature)
-
-
-def _optimistic_pair(t, s, temperature, axis):
-    """torch's fast path: plain `log_softmax`, no guard for `-inf`, NaN or
-    logits near the float limit. Every such input makes the value
-    non-finite, which the caller checks (one host sync on a row vector)
-    before trusting it; each guard would otherwise be a pass over memory.
-    """
-    log_p = ops.log_softmax(_plain_scaled(t, temperature, axis), axis=axis)
-    log_q = ops.log_softmax(_plain_scaled(s, temperature, axis), axis=axis)
-    return lr.Pair(log_p, log_q, axis)
-
-
-def softmax_divergence(kind, t, s, temperature, axis, precise, beta=None):
-    """`T**2 * D(softmax(t / T), softmax(s / T))` per row, with its
-    closed-form gradient.
-
-    Args:
-        kind: `"kl"`, `"symmetric_kl"` or `"jsd"` (then `0 < beta < 1`).
-        t, s: teacher and student logits, same shape and float dtype.
-        temperature: a validated temperature (float or scalar tensor).
-        axis: the class axis (int or tuple), summed away.
-        precise: whether to use the precise path.
-        beta: the JSD mixing weight.
-
-    Returns:
-        The divergence with `axis` removed.
-    """
-    terms = TERMS[kind]
-    extra = () if beta is None else (beta,)
-    constant = isinstance(temperature, float)
-    constants = () if constant else (ops.cast(temperature, t.dtype),)
-    ndim = len(t.shape)
-
-    def forward(t, s, *temp, eager):
-        temp = temperature if constant else temp[0]
-        teacher_grad = not eager or bool(getattr(t, "requires_grad", True))
-        if torch_compile_enabled():
-            static = (kind, axis, precise, beta, teacher_grad, eager)
-            value, grad_a, grad_b = maybe_compiled(_compiled_terms)(
-                static,
-                ops.stop_gradient(t),
-                ops.stop_gradient(s),
-                ops.convert_to_tensor(temp, t.dtype),
-            )
-            return value, _scaled(lambda: (grad_a, grad_b), axis, ndim, temp)
-        found = None
-        optimistic = isinstance(axis, int) and torch_eager()
-        if optimistic:
-            pair = _optimistic_pair(t, s, temp, axis)
-            if precise:
-                lr.optimistic_precise(pair, t, s, temp, axis)
-            pair.frugal = eager
-            found = terms(pair, *extra, teacher_grad)
-            del pair
-            if not bool(ops.all(ops.isfinite(found[0]))):
-                found = None
-        if found is None:
-            pair = lr.softmax_pair(t, s, temp, axis, precise)
-            pair.frugal = eager
-            found = terms(pair, *extra, teacher_grad)
-        value, grads = found
-        del found
-        value = _squeeze(value, axis) * (temp * temp)
-        if eager:
-            computed = grads()  # now, so that the pieces can be freed
-            grads = lambda: computed  # noqa: E731
-        return value, _scaled(grads, axis, ndim, temp)
-
-    def reference(t, s, *temp):
-        temp = temperature if constant else temp[0]
-        return reference_divergence(kind, t, s, temp, axis, beta)
-
-    return with_gradient(forward, reference, (t, s), constants)
-
-
-def _scaled(grads, axis, ndim, temp):
-    """`grads()` scaled by upstream and `temp`, teacher's first."""
-
-    def scaled_grads(upstream):
-        up = _expand(upstream, axis, ndim) * temp
-        grad_a, grad_b = grads()
-        return grad_b if grad_b is None else grad_b * up, grad_a * up
-
-    return scaled_grads
-
-
-def _compiled_terms(static, t, s, temp):
-    """`(value, grad_a, grad_b)` in one graph for torch.compile: a pure
-    function of tensors and the hashable `static`, with no host read."""
-    kind, axis, precise, beta, teacher_grad, gradients = static
-    extra = () if beta is None else (beta,)
-    pair = lr.softmax_pair(t, s, temp, axis, precise)
-    pair.frugal = True
-    value, grads = TERMS[kind](pair, *extra, teacher_grad)
-    value = _squeeze(value, axis) * (temp * temp)
-    if not gradients:
-        return value, None, None
-    grad_a, grad_b = grads()
-    return value, grad_a, grad_b
-
-
-def reference_divergence(kind, t, s, temperature, axis, beta=None):
-    """The plain formula on the log-softmax engine, differentiable by
-    autodiff (the second-order fallback on torch)."""
-    log_p = _log_softmax(t, axis, temperature)
-    log_q = _log_softmax(s, axis, temperature)
-    p, q = ops.exp(log_p), ops.exp(log_q)
-    if kind == "kl":
-        value = ops.sum(p * (log_p - log_q), axis=axis)
-    elif kind == "symmetric_kl":
-        value = ops.sum((p - q) * (log_p - log_q), axis=axis)
-    else:
-        log_m = _log_mixture(log_p, log_q, beta)
-        value = beta * ops.sum(p * (log_p - log_m), axis=axis) + (
-            1.0 - beta
-        ) * ops.sum(q * (log_q - log_m), axis=axis)
-    if isinstance(temperature, float):
-        return value * (temperature * temperature)
-    return value * ops.cast(temperature, value.dtype) ** 2

@@ -183,14 +183,14 @@ def test_the_switch(monkeypatch):
     assert kd_ops.torch_compile_enabled()
 
 
-def _dense(rows, kind, precise, vocab=300, seed=0):
+def _dense(rows, kind, precise, vocab=300, seed=0, dtype="float32"):
     import torch
 
     rng = np.random.default_rng(seed)
-    t = torch.tensor(rng.normal(size=(rows, vocab)).astype("float32") * 3)
+    dtype = getattr(torch, dtype)
+    t = torch.tensor(rng.normal(size=(rows, vocab)) * 3, dtype=dtype)
     s = torch.tensor(
-        rng.normal(size=(rows, vocab)).astype("float32") * 3,
-        requires_grad=True,
+        rng.normal(size=(rows, vocab)) * 3, dtype=dtype, requires_grad=True
     )
     functions = {
         "kl": kd_ops.kl_divergence,
@@ -199,7 +199,7 @@ def _dense(rows, kind, precise, vocab=300, seed=0):
     }
     value = functions[kind](t, s, temperature=2.0, precise=precise)
     (grad,) = _grads(value.sum(), s)
-    return value.detach().numpy(), grad.numpy()
+    return value.detach().numpy(), grad.float().numpy()
 
 
 @torch_only
@@ -222,3 +222,25 @@ def test_a_ragged_last_batch_compiles_once_more_at_most(compiling):
         _dense(rows, "kl", False, seed=rows)
     # The first shape, then one graph for every other shape.
     assert len(compiling) <= 2
+
+
+@torch_only
+@pytest.mark.parametrize("kind", ["kl", "symmetric_kl", "jsd"])
+def test_half_precision_blocks_compile_once_and_equal_eager(
+    compiling, monkeypatch, kind
+):
+    from keras_kd.ops import _half_logits
+
+    # 40 rows in blocks of 16: two full blocks and a last one of 8.
+    monkeypatch.setattr(_half_logits, "rows_per_block", lambda classes: 16)
+    compiled = _dense(40, kind, False, dtype="bfloat16")
+    again = _dense(40, kind, False, dtype="bfloat16", seed=1)
+    # Values (no gradient), then gradients: each a graph for the full
+    # blocks and at most one more for the last; none for the second call.
+    assert len(compiling) <= 4
+    _torch_compile.set_torch_compile(False)
+    for found, seed in ((compiled, 0), (again, 1)):
+        eager = _dense(40, kind, False, dtype="bfloat16", seed=seed)
+        np.testing.assert_allclose(found[0], eager[0], rtol=2e-5, atol=1e-6)
+        # One bfloat16 rounding apart at most.
+        np.testing.assert_allclose(found[1], eager[1], rtol=2**-7, atol=1e-7)
