@@ -54,6 +54,7 @@ QUICK_SHAPES = "64x100,128x4000"
 KERAS_KD = "keras-kd (default)"
 PRECISE = "keras-kd, precise=True"
 COMPILED = "keras-kd, torch.compile"
+CAST = "keras-kd on float32 copies of the logits"
 OPS = {
     "kl": "kl_divergence",
     "symmetric_kl": "symmetric_kl_divergence",
@@ -89,7 +90,16 @@ def compiled_rows(name, temperature):
     return run
 
 
-def implementations(name, temperature=T):
+def cast_rows(name, temperature):
+    """`keras_kd_rows` on float32 copies of half-precision logits (how
+    keras-kd computed them before its blocks of rows)."""
+    from keras import ops
+
+    rows = keras_kd_rows(name, temperature)
+    return lambda t, s: rows(ops.cast(t, "float32"), ops.cast(s, "float32"))
+
+
+def implementations(name, temperature=T, dtype="float32"):
     """label -> `(loss, rows)`: the peers first, then keras-kd; `loss` is
     the batch mean of `rows` where a peer has no reduction of its own."""
     from keras import ops
@@ -99,6 +109,8 @@ def implementations(name, temperature=T):
     found[PRECISE] = (None, keras_kd_rows(name, temperature, precise=True))
     if common.backend() == "torch" and name != "global_pointer":
         found[COMPILED] = (None, compiled_rows(name, temperature))
+    if dtype in ("bfloat16", "float16") and name != "global_pointer":
+        found[CAST] = (None, cast_rows(name, temperature))
     return {
         label: (
             loss or (lambda t, s, rows=rows: ops.mean(rows(t, s))),
@@ -122,7 +134,7 @@ def speed_table(
     rows_n, classes = shape
     t = common.normal(shape, dtype, seed=1, scale=2.0)
     s = common.normal(shape, dtype, seed=2, scale=2.0)
-    impls = implementations(name)
+    impls = implementations(name, dtype=dtype)
     runs = {
         label: common.value_and_grad(loss, jit_compile=jit_compile)
         for label, (loss, _) in impls.items()
@@ -207,7 +219,7 @@ def memory_child(args):
     """Child process: peak extra memory of one forward + backward."""
     name = args.divergences
     shape = parse_shapes(args.shapes)[0]
-    loss, _ = implementations(name)[args.memory_case]
+    loss, _ = implementations(name, dtype=args.dtype)[args.memory_case]
     t = common.normal(shape, args.dtype, seed=1, scale=2.0)
     s = common.normal(shape, args.dtype, seed=2, scale=2.0)
     run = common.value_and_grad(loss, jit_compile=args.jit_compile)

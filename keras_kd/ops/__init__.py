@@ -57,8 +57,9 @@ Conventions shared by all functions:
 - float64 inputs are computed and returned in float64 (on JAX with
   `jax_enable_x64`); float16 and bfloat16 inputs are computed in float32.
   On torch and JAX, `kl_divergence`, `symmetric_kl_divergence` and
-  `jensen_shannon_divergence` of half-precision logits cast one block of
-  rows at a time, never the whole array, and return their gradient in the
+  `jensen_shannon_divergence` of half-precision logits larger than one
+  block (8 MiB of float32 on a CPU, 128 MiB on a GPU) cast a block of rows
+  at a time, never the whole array; the gradient comes back in the
   logits' dtype, rounded once.
 - On the torch backend the fused chunk bodies run through `torch.compile`
   on a CUDA device (`set_torch_compile(True | False | "auto")`; eager
