@@ -38,7 +38,7 @@ def keeps_half(t, s, from_logits, axis):
 
     Logits of one block or less are cast whole instead: that copy is no
     larger than a block's work, and one pass computes the value and the
-    gradient together (recomputing costs 1.7x on eager torch there)."""
+    gradient together (recomputing costs 1.6-1.7x there on eager torch)."""
     if keras.backend.backend() not in ("torch", "jax") or not from_logits:
         return False
     if dtype_of(t) not in HALF or dtype_of(s) != dtype_of(t):
