@@ -229,3 +229,17 @@ def _float32_sizes(jaxpr):
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
                     yield from _float32_sizes(inner)
+
+
+@pytest.mark.parametrize("kind", sorted(FUNCTIONS))
+def test_a_tensor_temperature_equals_a_float_one(blocks, kind):
+    # A temperature held in a variable (a scheduler's) reaches the blocks
+    # as a tensor; it is cast to float32, not to the logits' dtype.
+    _, (t, s) = _logits((9, 40), 6, "bfloat16")
+    temp = keras.Variable(1.7, dtype="float32", trainable=False)
+    found = _value_and_grads(lambda a, b: FUNCTIONS[kind](a, b, temp), t, s)
+    plain = _value_and_grads(lambda a, b: FUNCTIONS[kind](a, b, 1.7), t, s)
+    np.testing.assert_allclose(np_(found[0]), np_(plain[0]), rtol=1e-6)
+    for a, b in zip(found[1], plain[1]):
+        a, b = (np_(keras.ops.cast(x, "float32")) for x in (a, b))
+        np.testing.assert_allclose(a, b, rtol=2.0**-7, atol=1e-30)
