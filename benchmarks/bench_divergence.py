@@ -55,6 +55,7 @@ KERAS_KD = "keras-kd (default)"
 PRECISE = "keras-kd, precise=True"
 COMPILED = "keras-kd, torch.compile"
 CAST = "keras-kd on float32 copies of the logits"
+LARGE_BLOCKS = "keras-kd, 4x larger blocks"
 OPS = {
     "kl": "kl_divergence",
     "symmetric_kl": "symmetric_kl_divergence",
@@ -99,6 +100,24 @@ def cast_rows(name, temperature):
     return lambda t, s: rows(ops.cast(t, "float32"), ops.cast(s, "float32"))
 
 
+def large_block_rows(name, temperature):
+    """`keras_kd_rows` with blocks of half-precision rows 4x the default
+    (traced with them under `jax.jit`): to choose the block size."""
+    from keras_kd.ops import _half_logits
+
+    rows = keras_kd_rows(name, temperature)
+    default = _half_logits.rows_per_block
+
+    def run(t, s):
+        _half_logits.rows_per_block = lambda classes: 4 * default(classes)
+        try:
+            return rows(t, s)
+        finally:
+            _half_logits.rows_per_block = default
+
+    return run
+
+
 def implementations(name, temperature=T, dtype="float32"):
     """label -> `(loss, rows)`: the peers first, then keras-kd; `loss` is
     the batch mean of `rows` where a peer has no reduction of its own."""
@@ -111,6 +130,7 @@ def implementations(name, temperature=T, dtype="float32"):
         found[COMPILED] = (None, compiled_rows(name, temperature))
     if dtype in ("bfloat16", "float16") and name != "global_pointer":
         found[CAST] = (None, cast_rows(name, temperature))
+        found[LARGE_BLOCKS] = (None, large_block_rows(name, temperature))
     return {
         label: (
             loss or (lambda t, s, rows=rows: ops.mean(rows(t, s))),
