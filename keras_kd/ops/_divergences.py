@@ -40,8 +40,8 @@ def _divergence(
     temperature = validate_temperature(temperature)
     precise = resolve_precise(precise)
     t, s = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
-    _check_same_shape(t, s)
     if keeps_half(t, s, from_logits, axis):
+        _check_same_shape(t, s)  # `_pair` checks it on the other path
         # Never a float32 copy of either (see `_half_logits`).
         return softmax_divergence(kind, t, s, temperature, axis, precise, beta)
     t, s = _pair(t, s)

@@ -33,12 +33,13 @@ HALF = ("bfloat16", "float16")
 
 
 def keeps_half(t, s, from_logits, axis):
-    """Whether the logits `t` and `s` (same shape, checked) are computed in
-    blocks of rows in their own half-precision dtype.
+    """Whether the logits `t` and `s` (the caller checks that their shapes
+    match) are computed in blocks of rows in their own half-precision dtype.
 
     Logits of one block or less are cast whole instead: that copy is no
-    larger than a block's work, and one pass computes the value and the
-    gradient together (recomputing costs 1.6-1.7x there on eager torch)."""
+    larger than a block's work, and one pass then computes the value and
+    the gradient together, where a block would be computed twice (in the
+    forward pass, then again in the backward pass)."""
     if keras.backend.backend() not in ("torch", "jax") or not from_logits:
         return False
     if dtype_of(t) not in HALF or dtype_of(s) != dtype_of(t):
@@ -81,8 +82,8 @@ def over_row_blocks(block, inputs, outputs, size):
     # On a CPU, half-precision arrays move through the loop as their bits:
     # XLA's CPU compiler slices and updates bfloat16 arrays in float32,
     # converting the whole array (the inputs' conversion hoisted out of the
-    # loop and kept, the output's redone at every step): 1.8x the time at
-    # 1024 x 32000. GPUs slice half precision natively.
+    # loop and kept, the output's redone at every step). GPUs slice half
+    # precision natively.
     bits = not _on_accelerator()
     inputs = [_bits(x, bits) for x in inputs]
 
